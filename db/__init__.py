@@ -1,0 +1,1 @@
+"""The database link of pacsnode: models, engine, migrations and the query layer."""

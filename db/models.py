@@ -1,0 +1,118 @@
+"""SQLAlchemy models of the DICOM information hierarchy pacsnode indexes.
+
+Patient → Study → Series → Instance, with the attributes query/retrieve
+(PS3.4 C.6) needs at each level. Attribute names follow DICOM keywords in
+snake case. Dates stay DICOM DA strings (``YYYYMMDD``) so C-FIND range
+matching can compare them lexically, exactly as the peer sent them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)
+
+# Deterministic constraint names so Alembic migrations stay portable.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Type 2 in the Patient module: may be empty, so empty strings, not NULL,
+    # keep the unique constraint meaningful.
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    first_received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="")
+    frame_of_reference_uid: Mapped[str] = mapped_column(UID, default="")
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    first_received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # Relative to the spool directory, so a data folder can move.
+    path: Mapped[str] = mapped_column(String(255))
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    series: Mapped[Series] = relationship(back_populates="instances")

@@ -1,0 +1,1 @@
+"""Models of pacsnode: Keras definitions, manifests, registry and synthetic phantoms."""

@@ -1,0 +1,221 @@
+"""The one settings object of pacsnode.
+
+Sources, lowest priority first: built-in defaults, the YAML file named by
+``PACSNODE_CONFIG``, then ``PACSNODE_*`` environment variables. Peers and
+destinations usually come from the YAML file; in the environment they are
+JSON (``PACSNODE_PEERS='[{"ae_title": "CT1", "hosts": ["10.0.0.5"]}]'``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pacsnode.errors import ConfigError
+
+CONFIG_ENV = "PACSNODE_CONFIG"
+
+
+def _check_ae_title(value: str) -> str:
+    """PS3.5 §6.2 AE VR: 1-16 characters of the default repertoire, no backslash
+    or control characters, not only spaces."""
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title must not be empty")
+    if len(value) > 16:
+        raise ValueError(f"AE title {value!r} is longer than 16 characters")
+    if any(ch == "\\" or not (0x20 <= ord(ch) < 0x7F) for ch in value):
+        raise ValueError(f"AE title {value!r} holds a backslash or a non-printable character")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+def _check_host(value: str) -> str:
+    """An IP address, a CIDR network or a host name."""
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        label_ok = all(part and part.replace("-", "").isalnum() for part in value.split("."))
+        if not value or len(value) > 253 or not label_ok:
+            raise ValueError(
+                f"{value!r} is neither an IP address, a network nor a host name"
+            ) from None
+    return value
+
+
+Host = Annotated[str, AfterValidator(_check_host)]
+
+
+class Peer(BaseModel):
+    """A remote AE allowed to associate with pacsnode (send, query, retrieve)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ae_title: AETitle
+    hosts: list[Host] = Field(min_length=1)
+
+    def allows(self, address: str) -> bool:
+        """True if ``address`` (the TCP peer) is one of this peer's hosts."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address in self.hosts
+        for host in self.hosts:
+            try:
+                if ip in ipaddress.ip_network(host, strict=False):
+                    return True
+            except ValueError:
+                continue
+        return False
+
+
+class Destination(BaseModel):
+    """A remote AE that receives pacsnode's results by C-STORE."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: Host
+    port: int = Field(ge=1, le=65535)
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one pacsnode installation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACSNODE_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    ae_title: AETitle = "PACSNODE"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(default=11112, ge=0, le=65535, description="0 = any free port")
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    data_dir: Path = Path.home() / ".local" / "share" / "pacsnode"
+    database_url: str = ""
+    broker_url: str = ""
+    peers: list[Peer] = []
+    destinations: list[Destination] = []
+    max_associations: int = Field(default=32, ge=1, le=1000)
+    scp_processes: int = Field(default=0, ge=0, le=64, description="0 = one per CPU core")
+    min_free_disk_mb: int = Field(default=1024, ge=0)
+    max_pdu_size: int = Field(default=262_144, ge=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("only sqlite:// and postgresql:// URLs are supported")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError("destination names must be unique")
+        aets = [p.ae_title for p in self.peers]
+        if len(aets) != len(set(aets)):
+            raise ValueError("peer AE titles must be unique")
+        return self
+
+    @cached_property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'pacsnode.db'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def effective_scp_processes(self) -> int:
+        return self.scp_processes or os.cpu_count() or 1
+
+    def peer(self, ae_title: str) -> Peer | None:
+        return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The effective configuration with secrets (passwords in URLs) masked."""
+        data = self.model_dump(mode="json")
+        data["database_url"] = _mask_url(self.effective_database_url)
+        data["broker_url"] = _mask_url(self.broker_url)
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``PACSNODE_CONFIG`` (if set)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # pragma: no cover - __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            return {}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{CONFIG_ENV}: cannot read {path}: {exc.strerror}") from exc
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{CONFIG_ENV}: {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{CONFIG_ENV}: {path} must hold a mapping of settings")
+        return data
+
+
+def _mask_url(url: str) -> str:
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning validation errors into a ConfigError that
+    names each bad key (``peers.0.hosts.1: ...``)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+            lines.append(f"  {key}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

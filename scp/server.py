@@ -1,0 +1,205 @@
+"""The storage SCP: one listening socket served by several processes.
+
+One Python process uses one core, and pynetdicom decodes PDUs in Python, so
+the node pre-forks ``scp_processes`` workers (default: one per core) that all
+accept on the same listening socket, bound once by the parent. Each worker
+runs a threaded pynetdicom server with its own database engine, spool handle
+and group-commit index writer. The parent only supervises: it restarts a
+worker that dies and stops them all on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from db.session import create_db_engine
+from pacsnode.settings import Settings
+from scp.handlers import handlers
+from scp.indexer import GroupCommitIndexer
+from scp.policy import AssociationGate
+from scp.spool import Spool
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class _PreboundServer(ThreadedAssociationServer):
+    """A pynetdicom server that accepts on a socket bound by the parent."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, listener: socket.socket, *args: Any, **kwargs: Any) -> None:
+        self._listener = listener
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = self._listener
+        self.server_address = self._listener.getsockname()
+
+    def server_activate(self) -> None:
+        """Already listening (the parent called listen())."""
+
+    def server_close(self) -> None:
+        # Close this process's descriptor only: shutdown() would stop the
+        # socket the sibling workers are still accepting on.
+        self._listener.close()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        # All workers wait on the same socket; the ones that lose the race for
+        # a connection get BlockingIOError, which socketserver ignores.
+        client, address = self._listener.accept()
+        client.setblocking(True)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    for context in StoragePresentationContexts:
+        ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.maximum_associations = settings.max_associations
+    ae.network_timeout = settings.network_timeout_s
+    ae.acse_timeout = 30
+    ae.dimse_timeout = settings.network_timeout_s
+    return ae
+
+
+def bind_listener(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.dicom_host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((settings.dicom_host, settings.dicom_port))
+    listener.listen(128)
+    listener.setblocking(False)
+    return listener
+
+
+def run_worker(
+    settings: Settings,
+    listener: socket.socket,
+    live_counts: Any,
+    slot: int,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve associations on ``listener`` until ``stop`` is set or SIGTERM."""
+    engine = create_db_engine(settings.effective_database_url, pool_size=2, max_overflow=4)
+    indexer = GroupCommitIndexer(engine)
+    spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 2**20)
+    gate = AssociationGate(settings, live_counts, slot)
+    ae = build_ae(settings)
+    server = _PreboundServer(
+        listener,
+        ae,
+        listener.getsockname()[:2],
+        settings.ae_title,
+        ae.supported_contexts,
+        evt_handlers=handlers(spool, indexer, gate),
+    )
+    ae._servers.append(server)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+    )
+    thread.start()
+    stop.wait()
+    server.shutdown()  # stops accepting; live associations finish or time out
+    for assoc in server.active_associations:
+        assoc.join(timeout=settings.network_timeout_s)
+    indexer.close()
+    engine.dispose()
+
+
+def _die_with_parent() -> None:
+    """Linux: receive SIGKILL when the supervising parent dies, so no orphan
+    keeps accepting (and acknowledging) on the node's port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(settings: Settings, listener: socket.socket, counts: Any, slot: int) -> None:
+    _die_with_parent()
+    from pacsnode.logs import configure_logging
+
+    configure_logging(settings.log_level, process_name=f"scp-{slot}")
+    run_worker(settings, listener, counts, slot)
+
+
+class SCPSupervisor:
+    """Pre-forks the SCP workers and keeps them running."""
+
+    def __init__(self, settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.listener = bind_listener(settings)
+        self._ctx = multiprocessing.get_context("fork")
+        self._n = settings.effective_scp_processes
+        self._counts = self._ctx.Array("i", self._n, lock=False)
+        self._procs: list[multiprocessing.process.BaseProcess | None] = [None] * self._n
+        self._stop = threading.Event()
+        self._on_ready = on_ready
+
+    @property
+    def port(self) -> int:
+        return int(self.listener.getsockname()[1])
+
+    def _spawn(self, slot: int) -> None:
+        self._counts[slot] = 0
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(self.settings, self.listener, self._counts, slot),
+            name=f"pacsnode-scp-{slot}",
+            daemon=False,
+        )
+        proc.start()
+        self._procs[slot] = proc
+
+    def run(self) -> None:
+        for slot in range(self._n):
+            self._spawn(slot)
+        log.info(
+            "storage SCP %s listening on %s:%d with %d process(es)",
+            self.settings.ae_title,
+            self.settings.dicom_host,
+            self.port,
+            self._n,
+        )
+        if self._on_ready:
+            self._on_ready()
+        while not self._stop.wait(0.5):
+            for slot, proc in enumerate(self._procs):
+                if proc is not None and not proc.is_alive():
+                    log.error("SCP process %d exited with %s; restarting", slot, proc.exitcode)
+                    self._spawn(slot)
+        for proc in self._procs:
+            if proc is not None and proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in self._procs:
+            if proc is not None:
+                proc.join(timeout=self.settings.network_timeout_s + 5)
+        self.listener.close()
+
+    def stop(self) -> None:
+        self._stop.set()

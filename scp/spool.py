@@ -1,0 +1,95 @@
+"""The spool: received instances as DICOM Part 10 files, written durably.
+
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+UIDs are checked against the PS3.5 grammar before they reach this module, so
+they are safe path components. A write goes to a temporary file in the target
+directory, is fsynced, renamed over the final name and the directory is
+fsynced: after :meth:`Spool.write` returns, the file survives a crash or a
+power cut, and a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from pacsnode.errors import OutOfResources
+
+_O_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+
+
+def spool_relpath(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Durable file store for received instances, safe for concurrent threads."""
+
+    def __init__(self, root: Path, min_free_bytes: int) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self._known_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+        root.mkdir(parents=True, exist_ok=True)
+
+    def check_space(self, incoming: int) -> None:
+        """Refuse below the free-space watermark (Out of Resources)."""
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if free - incoming < self.min_free_bytes:
+            raise OutOfResources(
+                f"free disk space {free // 2**20} MiB is below the watermark "
+                f"{self.min_free_bytes // 2**20} MiB"
+            )
+
+    def _ensure_dir(self, path: Path) -> None:
+        if path in self._known_dirs:
+            return
+        with self._lock:
+            missing: list[Path] = []
+            probe = path
+            while not probe.exists():
+                missing.append(probe)
+                probe = probe.parent
+            for directory in reversed(missing):
+                directory.mkdir(exist_ok=True)
+                # The new entry lives in the parent: make it durable there.
+                _fsync_dir(directory.parent)
+            self._known_dirs.add(path)
+
+    def write(self, relpath: str, chunks: Sequence[bytes]) -> int:
+        """Write ``chunks`` as one file at ``relpath``; return its size in bytes."""
+        final = self.root / relpath
+        self._ensure_dir(final.parent)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        size = 0
+        fd = os.open(tmp, _O_FLAGS, 0o640)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    size += written
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return size
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath

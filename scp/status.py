@@ -1,0 +1,57 @@
+"""DIMSE statuses pacsnode answers with, and the one mapping from its errors.
+
+Names and values follow PS3.4 Annex B.2.3 (Storage Service Class statuses)
+and PS3.7 Annex C (general statuses).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from pacsnode.errors import (
+    IngestError,
+    InvalidDataset,
+    NonConformantDataset,
+    OutOfResources,
+)
+
+
+class StoreStatus(IntEnum):
+    SUCCESS = 0x0000
+    # PS3.4 B.2.3: Refused, Out of Resources. The sender may retry later.
+    OUT_OF_RESOURCES = 0xA700
+    # PS3.4 B.2.3: Error, Data Set does not match SOP Class.
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    # PS3.4 B.2.3: Error, Cannot understand.
+    CANNOT_UNDERSTAND = 0xC000
+    # PS3.7 C.4.2: Failure, Processing failure (an unexpected error in pacsnode).
+    PROCESSING_FAILURE = 0x0110
+
+
+def dimse_status(exc: BaseException) -> StoreStatus:
+    """The status a C-STORE answers when ingesting raised ``exc``."""
+    if isinstance(exc, OutOfResources):
+        return StoreStatus.OUT_OF_RESOURCES
+    if isinstance(exc, NonConformantDataset):
+        return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    if isinstance(exc, InvalidDataset):
+        return StoreStatus.CANNOT_UNDERSTAND
+    if isinstance(exc, IngestError):
+        return StoreStatus.CANNOT_UNDERSTAND
+    if isinstance(exc, OSError):
+        # Disk full, quota, I/O error: nothing was acknowledged, retry later.
+        return StoreStatus.OUT_OF_RESOURCES
+    return StoreStatus.PROCESSING_FAILURE
+
+
+class RejectReason(tuple[int, int, int]):
+    """(Result, Source, Reason/Diag.) of an A-ASSOCIATE-RJ, PS3.8 §9.3.4."""
+
+    __slots__ = ()
+
+
+# Permanent, by the DUL service user.
+CALLING_AE_NOT_RECOGNIZED = RejectReason((0x01, 0x01, 0x03))
+CALLED_AE_NOT_RECOGNIZED = RejectReason((0x01, 0x01, 0x07))
+# Transient, by the DUL service provider (presentation related).
+LOCAL_LIMIT_EXCEEDED = RejectReason((0x02, 0x03, 0x02))

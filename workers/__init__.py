@@ -1,0 +1,1 @@
+"""Pipeline workers of pacsnode (Celery tasks, preprocessing, result encoding)."""
