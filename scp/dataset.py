@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from io import BytesIO
+from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
 
 from db.index import InstanceRecord
 from pacsnode.errors import InvalidDataset, NonConformantDataset
@@ -17,30 +19,6 @@ from scp.spool import spool_relpath
 # PS3.5 §9.1: components of digits without leading zeros, separated by '.',
 # at most 64 characters. This is also what keeps a UID safe as a file name.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
-
-HEADER_KEYWORDS = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "Modality",
-    "ReferringPhysicianName",
-    "StudyDescription",
-    "SeriesDescription",
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "BodyPartExamined",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "StudyID",
-    "SeriesNumber",
-    "InstanceNumber",
-    "FrameOfReferenceUID",
-)
 
 
 def is_valid_uid(value: str) -> bool:
@@ -73,12 +51,19 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def read_header(encoded: bytes) -> Dataset:
-    """Parse the attributes the index needs from a Part 10 byte stream."""
+def _past_header(tag: BaseTag, vr: str | None, length: int) -> bool:
+    # Every attribute the index needs lies in groups 0008-0020.
+    return tag.group > 0x0020
+
+
+def read_header(source: bytes | Path) -> Dataset:
+    """Parse the attributes the index needs from a Part 10 file or byte
+    stream, stopping before group 0028: pixel data is never read here."""
     try:
-        return dcmread(
-            BytesIO(encoded), stop_before_pixels=True, specific_tags=list(HEADER_KEYWORDS)
-        )
+        if isinstance(source, Path):
+            with source.open("rb") as fp:
+                return read_partial(fp, stop_when=_past_header)
+        return read_partial(BytesIO(source), stop_when=_past_header)
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
         raise InvalidDataset(f"the data set cannot be parsed: {type(exc).__name__}") from None
 

@@ -1,8 +1,9 @@
 """One handler per DIMSE/ACSE event; dependencies arrive as arguments.
 
 The C-STORE handler does only fast, durable work (PS3.4 Annex B): parse the
-few header attributes the index needs, write the received bytes to the spool
-(fsync), commit the index row, then answer. Decoding pixels and everything
+few header attributes the index needs from the file pynetdicom wrote while
+the data arrived, fsync it and rename it into the spool, commit the index
+row, then answer. Decoding pixels and everything
 else belongs in workers, because this thread holds up the sending modality.
 """
 
@@ -106,14 +107,17 @@ def handle_store(
 
 def _store(event: Event, spool: Spool, indexer: GroupCommitIndexer) -> None:
     received_at = datetime.now(UTC)
-    encoded = event.encoded_dataset(include_meta=True)
-    spool.check_space(len(encoded))
-    header = read_header(encoded)
+    # pynetdicom has already written the data set, with File Meta, to a file
+    # in the spool's incoming folder while the PDUs arrived (see scp.server).
+    received = event.dataset_path
+    size = received.stat().st_size
+    spool.check_space(size)
+    header = read_header(received)
     request = cast(C_STORE, event.request)
     record = instance_record(
         header,
         transfer_syntax_uid=str(event.context.transfer_syntax),
-        size_bytes=len(encoded),
+        size_bytes=size,
         calling_ae_title=event.assoc.requestor.ae_title,
         peer_host=event.assoc.requestor.address,
         received_at=received_at,
@@ -122,7 +126,7 @@ def _store(event: Event, spool: Spool, indexer: GroupCommitIndexer) -> None:
         raise NonConformantDataset("SOPInstanceUID differs from AffectedSOPInstanceUID")
     if record.sop_class_uid != str(request.AffectedSOPClassUID).strip("\0 "):
         raise NonConformantDataset("SOPClassUID differs from AffectedSOPClassUID")
-    spool.write(record.path, (encoded,))
+    spool.adopt(received, record.path)
     indexer.index(record)
     log.debug("stored %s from %s", record.sop_instance_uid, record.calling_ae_title)
 

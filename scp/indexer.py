@@ -14,7 +14,7 @@ import queue
 import threading
 from concurrent.futures import Future
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from db.index import InstanceRecord, SeriesCache, upsert_instances
 from pacsnode.errors import IndexUnavailable
@@ -31,6 +31,9 @@ class GroupCommitIndexer:
         self._engine = engine
         self._max_batch = max_batch
         self._series = SeriesCache()
+        # One connection for the writer thread's life: a pool checkout per
+        # commit costs more than the commit itself. Reopened after an error.
+        self._conn: Connection | None = None
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
@@ -48,10 +51,19 @@ class GroupCommitIndexer:
         self._queue.put(_STOP)
         self._thread.join(timeout=30)
 
+    def _reset_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                log.debug("closing a failed index connection", exc_info=True)
+            self._conn = None
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
+                self._reset_connection()
                 return
             batch = [item]
             while len(batch) < self._max_batch:
@@ -67,10 +79,13 @@ class GroupCommitIndexer:
 
     def _commit(self, batch: list[tuple[InstanceRecord, Future[None]]]) -> None:
         try:
-            with self._engine.begin() as conn:
-                upsert_instances(conn, [record for record, _ in batch], self._series)
+            if self._conn is None:
+                self._conn = self._engine.connect()
+            with self._conn.begin():
+                upsert_instances(self._conn, [record for record, _ in batch], self._series)
         except Exception as exc:  # the writer thread must outlive any error
             self._series.clear()  # a cached row may be what failed
+            self._reset_connection()
             if len(batch) > 1:
                 # One bad record must not fail its neighbours: retry one by one.
                 for item in batch:

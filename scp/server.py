@@ -14,15 +14,20 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
+from pydicom import config as pydicom_config
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider, _QueueItem
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from db.session import create_db_engine
 from pacsnode.settings import Settings
@@ -34,6 +39,36 @@ from scp.spool import Spool
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_REACTOR_WAIT_S = 0.02
+_DUL_IDLE_SLEEP_S = 0.0002
+
+
+class _WaitingDIMSE(DIMSEServiceProvider):
+    """pynetdicom's acceptor reactor sleeps 1 ms, then polls for a complete
+    DIMSE message. Waiting on the message queue instead wakes it the moment
+    a C-STORE has arrived; the wait is short so A-RELEASE and A-ABORT, which
+    the reactor checks between polls, are still seen promptly."""
+
+    def get_msg(self, block: bool = False) -> _QueueItem:
+        if block:
+            return super().get_msg(block=True)
+        try:
+            return self.msg_queue.get(timeout=_REACTOR_WAIT_S)
+        except queue.Empty:
+            return None, None
+
+
+class _RequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        assoc.dimse = _WaitingDIMSE(assoc)
+        # The DUL thread sleeps this long whenever it found nothing to do; it
+        # is the delay before a C-STORE response leaves (pynetdicom: 1 ms).
+        # A lone association gets a short sleep (latency bound); beside others
+        # the default, as then the process is CPU bound and spinning costs.
+        if not self.server.active_associations:
+            assoc.dul._run_loop_delay = _DUL_IDLE_SLEEP_S
+        return assoc
 
 
 class _PreboundServer(ThreadedAssociationServer):
@@ -103,6 +138,14 @@ def run_worker(
     engine = create_db_engine(settings.effective_database_url, pool_size=2, max_overflow=4)
     indexer = GroupCommitIndexer(engine)
     spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 2**20)
+    # Received data sets stream to a file as their PDUs arrive, in the spool's
+    # incoming folder: no copy in memory, and storing one is a rename. Both
+    # settings are process-wide, which is why SCP processes serve nothing else.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(spool.incoming)
+    # Lenient in: odd values are stored as received; the checks the node
+    # relies on (UIDs) are its own.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     gate = AssociationGate(settings, live_counts, slot)
     ae = build_ae(settings)
     server = _PreboundServer(
@@ -112,6 +155,7 @@ def run_worker(
         settings.ae_title,
         ae.supported_contexts,
         evt_handlers=handlers(spool, indexer, gate),
+        request_handler=_RequestHandler,
     )
     ae._servers.append(server)
     stop = stop or threading.Event()
@@ -177,6 +221,9 @@ class SCPSupervisor:
         self._procs[slot] = proc
 
     def run(self) -> None:
+        removed = Spool(self.settings.spool_dir, 0).clear_incoming()
+        if removed:
+            log.warning("removed %d unacknowledged partial data set(s) from a crash", removed)
         for slot in range(self._n):
             self._spawn(slot)
         log.info(

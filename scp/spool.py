@@ -40,7 +40,7 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
-        root.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
 
     def check_space(self, incoming: int) -> None:
         """Refuse below the free-space watermark (Out of Resources)."""
@@ -88,6 +88,35 @@ class Spool:
             raise
         os.close(fd)
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return size
+
+    @property
+    def incoming(self) -> Path:
+        """Where pynetdicom writes data sets while they arrive (same file
+        system as the spool, so adopting one is a rename, not a copy)."""
+        return self.root / ".incoming"
+
+    def clear_incoming(self) -> int:
+        """Remove partial data sets left by a crash: none was acknowledged."""
+        removed = 0
+        for leftover in self.incoming.glob("*"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def adopt(self, received: Path, relpath: str) -> int:
+        """Make a received file durable under ``relpath``: fsync, rename into
+        place, fsync the directory. Returns its size in bytes."""
+        final = self.root / relpath
+        self._ensure_dir(final.parent)
+        fd = os.open(received, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        os.replace(received, final)
         _fsync_dir(final.parent)
         return size
 

@@ -122,8 +122,15 @@ def test_hostile_sop_instance_uid_from_dcmtk(node: Node, tmp_path: Path) -> None
     finally:
         pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
     result = subprocess.run(
-        [require_binary("storescu"), "-v", "-aec", "PACSNODE", "127.0.0.1", str(node.port),
-         str(path)],
+        [
+            require_binary("storescu"),
+            "-v",
+            "-aec",
+            "PACSNODE",
+            "127.0.0.1",
+            str(node.port),
+            str(path),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
