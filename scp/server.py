@@ -20,14 +20,14 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider, _QueueItem
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from db.session import create_db_engine
 from pacsnode.settings import Settings
@@ -58,9 +58,31 @@ class _WaitingDIMSE(DIMSEServiceProvider):
             return None, None
 
 
+class _BulkRecvSocket(AssociationSocket):
+    """pynetdicom reads PDUs 4 KiB per recv() call, about 130 calls and
+    buffer extensions per 512x512 CT image; this reads straight into one
+    buffer of the PDU's size."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            n = sock.recv_into(view[received:], nr_bytes - received)
+            if n == 0:  # connection closed: return what arrived, as pynetdicom does
+                del view
+                return buffer[:received]
+            received += n
+        return buffer
+
+
 class _RequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        # Same object, with the faster recv() (pynetdicom creates the socket
+        # inside this method and offers no hook for its class).
+        assoc.dul.socket.__class__ = _BulkRecvSocket
         assoc.dimse = _WaitingDIMSE(assoc)
         # The DUL thread sleeps this long whenever it found nothing to do; it
         # is the delay before a C-STORE response leaves (pynetdicom: 1 ms).
@@ -142,6 +164,9 @@ def run_worker(
     # incoming folder: no copy in memory, and storing one is a rename. Both
     # settings are process-wide, which is why SCP processes serve nothing else.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom's default handlers format a log record for every PDU and
+    # DIMSE message even when nobody prints them; pacsnode logs its own.
+    _config.LOG_HANDLER_LEVEL = "none"
     tempfile.tempdir = str(spool.incoming)
     # Lenient in: odd values are stored as received; the checks the node
     # relies on (UIDs) are its own.
