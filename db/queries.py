@@ -96,16 +96,3 @@ def list_studies(
         )
         for row in rows
     ]
-
-
-def instance_paths(engine: Engine, study_instance_uid: str) -> list[tuple[str, str]]:
-    """(SOP Instance UID, spool-relative path) of every instance of a study."""
-    stmt = (
-        select(Instance.sop_instance_uid, Instance.path)
-        .join(Series, Instance.series_pk == Series.id)
-        .join(Study, Series.study_pk == Study.id)
-        .where(Study.study_instance_uid == study_instance_uid)
-        .order_by(Instance.sop_instance_uid)
-    )
-    with engine.connect() as conn:
-        return [(uid, path) for uid, path in conn.execute(stmt)]

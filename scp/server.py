@@ -10,6 +10,7 @@ worker that dies and stops them all on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 import multiprocessing
@@ -26,6 +27,7 @@ from pydicom import config as pydicom_config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider, _QueueItem
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -91,6 +93,21 @@ class _RequestHandler(RequestHandler):
         if not self.server.active_associations:
             assoc.dul._run_loop_delay = _DUL_IDLE_SLEEP_S
         return assoc
+
+
+class _Contexts(list[PresentationContext]):
+    """The server's supported contexts, which pynetdicom deep-copies for
+    every association: 36 ms for 121 storage classes x 45 transfer syntaxes.
+    A context holds immutable UIDs besides its list of transfer syntaxes, so
+    copying each context and that list is an equally independent copy."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        copies = []
+        for context in self:
+            duplicate = copy.copy(context)
+            duplicate._transfer_syntax = list(context._transfer_syntax)
+            copies.append(duplicate)
+        return copies
 
 
 class _PreboundServer(ThreadedAssociationServer):
@@ -178,7 +195,7 @@ def run_worker(
         ae,
         listener.getsockname()[:2],
         settings.ae_title,
-        ae.supported_contexts,
+        _Contexts(ae.supported_contexts),
         evt_handlers=handlers(spool, indexer, gate),
         request_handler=_RequestHandler,
     )

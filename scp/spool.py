@@ -2,22 +2,19 @@
 
 Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
 UIDs are checked against the PS3.5 grammar before they reach this module, so
-they are safe path components. A write goes to a temporary file in the target
-directory, is fsynced, renamed over the final name and the directory is
-fsynced: after :meth:`Spool.write` returns, the file survives a crash or a
-power cut, and a reader never sees a half-written file.
+they are safe path components. pynetdicom writes each arriving data set to a
+file in ``<spool>/.incoming``; :meth:`Spool.adopt` fsyncs it, renames it over
+its final name and fsyncs the directory: once it returns, the file survives a
+crash or a power cut, and a reader never sees a half-written file.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 from pacsnode.errors import OutOfResources
-
-_O_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
 
 def spool_relpath(study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -66,30 +63,6 @@ class Spool:
                 # The new entry lives in the parent: make it durable there.
                 _fsync_dir(directory.parent)
             self._known_dirs.add(path)
-
-    def write(self, relpath: str, chunks: Sequence[bytes]) -> int:
-        """Write ``chunks`` as one file at ``relpath``; return its size in bytes."""
-        final = self.root / relpath
-        self._ensure_dir(final.parent)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        size = 0
-        fd = os.open(tmp, _O_FLAGS, 0o640)
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                    size += written
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        return size
 
     @property
     def incoming(self) -> Path:

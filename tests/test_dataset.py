@@ -93,14 +93,26 @@ def test_garbage_is_refused(garbage: bytes) -> None:
         _record(garbage)
 
 
-def test_spool_write_is_complete_and_leaves_no_temp_file(tmp_path: Path) -> None:
+def test_spool_adopts_a_received_file_durably(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", min_free_bytes=0)
-    payload = [b"a" * 1000, b"b" * 5]
-    assert spool.write("1.2/1.2.3/1.2.3.4.dcm", payload) == 1005
-    assert (tmp_path / "spool/1.2/1.2.3/1.2.3.4.dcm").read_bytes() == b"a" * 1000 + b"bbbbb"
+    received = spool.incoming / "tmp123.dcm"
+    received.write_bytes(b"a" * 1000)
+    assert spool.adopt(received, "1.2/1.2.3/1.2.3.4.dcm") == 1000
+    assert (tmp_path / "spool/1.2/1.2.3/1.2.3.4.dcm").read_bytes() == b"a" * 1000
+    assert not received.exists()
+    # Re-sent: replaced, not duplicated.
+    again = spool.incoming / "tmp456.dcm"
+    again.write_bytes(b"new")
+    spool.adopt(again, "1.2/1.2.3/1.2.3.4.dcm")
     assert [p.name for p in (tmp_path / "spool/1.2/1.2.3").iterdir()] == ["1.2.3.4.dcm"]
-    spool.write("1.2/1.2.3/1.2.3.4.dcm", [b"new"])  # re-sent: replaced, not duplicated
     assert (tmp_path / "spool/1.2/1.2.3/1.2.3.4.dcm").read_bytes() == b"new"
+
+
+def test_crash_leftovers_are_cleared(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    (spool.incoming / "partial.dcm").write_bytes(b"half")
+    assert spool.clear_incoming() == 1
+    assert not list(spool.incoming.iterdir())
 
 
 def test_spool_watermark(tmp_path: Path) -> None:

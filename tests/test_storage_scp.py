@@ -137,6 +137,8 @@ def test_ct_series_stored_byte_identical_and_indexed(
         stored = stored_path(node, database_url, uid)
         assert stored is not None, f"{path.name} not indexed"
         assert dataset_bytes(stored) == dataset_bytes(path)
+    # Logs carry UIDs and AE titles, never patient names or IDs.
+    assert "PHANTOM-0001" not in node.log() and "Phantom" not in node.log()
     listing = node.cli("studies", "--json")
     assert listing.returncode == 0, listing.stderr
     (study,) = [json.loads(line) for line in listing.stdout.splitlines()]
