@@ -105,18 +105,19 @@ class SeriesCache:
 
     def __init__(self, max_age: float = 5.0) -> None:
         self.max_age = max_age
-        self._rows: dict[str, tuple[int, float]] = {}
+        self._rows: dict[str, tuple[tuple[int, int], float]] = {}
 
-    def get(self, series_uid: str) -> int | None:
+    def get(self, series_uid: str) -> tuple[int, int] | None:
+        """(study pk, series pk) of a recently written series."""
         hit = self._rows.get(series_uid)
         if hit is None or time.monotonic() - hit[1] > self.max_age:
             return None
         return hit[0]
 
-    def put(self, series_uid: str, pk: int) -> None:
+    def put(self, series_uid: str, pks: tuple[int, int]) -> None:
         if len(self._rows) > 10_000:
             self._rows.clear()
-        self._rows[series_uid] = (pk, time.monotonic())
+        self._rows[series_uid] = (pks, time.monotonic())
 
     def clear(self) -> None:
         self._rows.clear()
@@ -124,8 +125,9 @@ class SeriesCache:
 
 def upsert_instances(
     conn: Connection, records: Sequence[InstanceRecord], cache: SeriesCache | None = None
-) -> None:
-    """Index ``records`` in the caller's transaction.
+) -> dict[str, tuple[int, int]]:
+    """Index ``records`` in the caller's transaction; return the (study pk,
+    series pk) of each Series Instance UID.
 
     Patients, studies and series shared by several records are written once;
     keys are visited in sorted order so concurrent writers on PostgreSQL lock
@@ -133,7 +135,7 @@ def upsert_instances(
     """
     patients: dict[tuple[str, str], int] = {}
     studies: dict[str, int] = {}
-    series: dict[str, int] = {}
+    series: dict[str, tuple[int, int]] = {}
     ordered = sorted(records, key=lambda r: (r.study_instance_uid, r.series_instance_uid))
     for r in ordered:
         if r.series_instance_uid in series:
@@ -172,28 +174,31 @@ def upsert_instances(
                     "last_received_at": r.received_at,
                 },
             )
-        series[r.series_instance_uid] = _upsert(
-            conn,
-            "series",
-            {
-                "series_instance_uid": r.series_instance_uid,
-                "study_pk": studies[r.study_instance_uid],
-                "modality": r.modality,
-                "series_number": r.series_number,
-                "series_description": r.series_description,
-                "body_part_examined": r.body_part_examined,
-                "frame_of_reference_uid": r.frame_of_reference_uid,
-                "calling_ae_title": r.calling_ae_title,
-                "first_received_at": r.received_at,
-                "last_received_at": r.received_at,
-            },
+        series[r.series_instance_uid] = (
+            studies[r.study_instance_uid],
+            _upsert(
+                conn,
+                "series",
+                {
+                    "series_instance_uid": r.series_instance_uid,
+                    "study_pk": studies[r.study_instance_uid],
+                    "modality": r.modality,
+                    "series_number": r.series_number,
+                    "series_description": r.series_description,
+                    "body_part_examined": r.body_part_examined,
+                    "frame_of_reference_uid": r.frame_of_reference_uid,
+                    "calling_ae_title": r.calling_ae_title,
+                    "first_received_at": r.received_at,
+                    "last_received_at": r.received_at,
+                },
+            ),
         )
     # Duplicates inside one batch (a peer re-sending while the first copy is
     # still being committed) would make ON CONFLICT touch a row twice.
     rows = {
         r.sop_instance_uid: {
             "sop_instance_uid": r.sop_instance_uid,
-            "series_pk": series[r.series_instance_uid],
+            "series_pk": series[r.series_instance_uid][1],
             "sop_class_uid": r.sop_class_uid,
             "instance_number": r.instance_number,
             "transfer_syntax_uid": r.transfer_syntax_uid,
@@ -209,5 +214,6 @@ def upsert_instances(
     stmt = _upsert_statement(conn.dialect.name, "instance", tuple(params[0]))
     conn.execute(stmt, params)
     if cache is not None:
-        for uid, pk in series.items():
-            cache.put(uid, pk)
+        for uid, pks in series.items():
+            cache.put(uid, pks)
+    return series

@@ -116,3 +116,57 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Assembly(Base):
+    """A study (or series, per the sender's policy) being received.
+
+    Written with the instance rows (same transaction), so every acknowledged
+    instance is accounted for; the assembler reads these rows to decide when
+    the group is complete (DESIGN §3).
+    """
+
+    __tablename__ = "assembly"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The Study Instance UID, or the Series Instance UID when grouping by series.
+    key_uid: Mapped[str] = mapped_column(UID, unique=True)
+    grouping: Mapped[str] = mapped_column(String(8))
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_pk: Mapped[int | None] = mapped_column(ForeignKey("series.id"), nullable=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    # assembling -> triggered (a job row was written) -> assembling again when
+    # a late instance arrives (the next job is then an update).
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    next_kind: Mapped[str] = mapped_column(String(8))
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Associations still sending this group, and when the last one released.
+    sending: Mapped[int] = mapped_column(Integer, default=0)
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    triggered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    trigger_reason: Mapped[str] = mapped_column(String(32), default="")
+
+
+class Job(Base):
+    """The outbox: one row per unit of pipeline work, written in the same
+    transaction that marks its study (or series) ready."""
+
+    __tablename__ = "job"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    assembly_pk: Mapped[int] = mapped_column(ForeignKey("assembly.id"), index=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_pk: Mapped[int | None] = mapped_column(ForeignKey("series.id"), nullable=True)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # initial | update
+    # pending -> queued -> running -> succeeded | failed
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    trigger_reason: Mapped[str] = mapped_column(String(32))
+    instances: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str] = mapped_column(String(1024), default="")

@@ -12,7 +12,7 @@ import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -63,6 +63,29 @@ def _check_host(value: str) -> str:
 Host = Annotated[str, AfterValidator(_check_host)]
 
 
+class CompletionPolicy(BaseModel):
+    """When a study (or series) counts as complete (DESIGN §3).
+
+    DICOM has no end-of-study signal. A study is ready ``debounce_s`` after
+    the association that sent it was released, if no other association from
+    the peer is still sending it; otherwise after ``quiet_period_s`` without a
+    new instance; and in any case ``max_wait_s`` after its first instance.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    grouping: Literal["study", "series"] = "study"
+    debounce_s: float = Field(default=2.0, ge=0, le=3600)
+    quiet_period_s: float = Field(default=30.0, gt=0, le=86_400)
+    max_wait_s: float = Field(default=900.0, gt=0, le=7 * 86_400)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CompletionPolicy:
+        if not self.debounce_s <= self.quiet_period_s <= self.max_wait_s:
+            raise ValueError("expected debounce_s <= quiet_period_s <= max_wait_s")
+        return self
+
+
 class Peer(BaseModel):
     """A remote AE allowed to associate with pacsnode (send, query, retrieve)."""
 
@@ -70,6 +93,7 @@ class Peer(BaseModel):
 
     ae_title: AETitle
     hosts: list[Host] = Field(min_length=1)
+    completion: CompletionPolicy | None = None  # None: the node's default
 
     def allows(self, address: str) -> bool:
         """True if ``address`` (the TCP peer) is one of this peer's hosts."""
@@ -113,6 +137,7 @@ class Settings(BaseSettings):
     broker_url: str = ""
     peers: list[Peer] = []
     destinations: list[Destination] = []
+    completion: CompletionPolicy = CompletionPolicy()
     max_associations: int = Field(default=32, ge=1, le=1000)
     scp_processes: int = Field(default=0, ge=0, le=64, description="0 = one per CPU core")
     min_free_disk_mb: int = Field(default=1024, ge=0)
@@ -156,6 +181,10 @@ class Settings(BaseSettings):
 
     def peer(self, ae_title: str) -> Peer | None:
         return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
+
+    def completion_for(self, ae_title: str) -> CompletionPolicy:
+        peer = self.peer(ae_title)
+        return peer.completion if peer and peer.completion else self.completion
 
     def public_dict(self) -> dict[str, Any]:
         """The effective configuration with secrets (passwords in URLs) masked."""

@@ -24,7 +24,7 @@ from pynetdicom.events import Event
 
 from pacsnode.errors import NonConformantDataset
 from scp.dataset import instance_record, read_header
-from scp.indexer import GroupCommitIndexer
+from scp.indexer import GroupCommitIndexer, group_key
 from scp.policy import AssociationGate
 from scp.spool import Spool
 from scp.status import StoreStatus, dimse_status
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 class _Tally:
     stored: int = 0
     failed: int = 0
+    groups: set[str] = field(default_factory=set)  # studies (or series) sent
 
 
 @dataclass
@@ -47,15 +48,18 @@ class AssociationLog:
     )
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def count(self, assoc: Association, ok: bool) -> None:
+    def tally(self, assoc: Association) -> _Tally:
         with self._lock:
-            tally = self._tallies.setdefault(assoc, _Tally())
+            return self._tallies.setdefault(assoc, _Tally())
+
+    def count(self, assoc: Association, ok: bool) -> None:
+        tally = self.tally(assoc)
         if ok:
             tally.stored += 1
         else:
             tally.failed += 1
 
-    def finish(self, assoc: Association, how: str) -> None:
+    def finish(self, assoc: Association, how: str) -> _Tally:
         with self._lock:
             tally = self._tallies.pop(assoc, _Tally())
         log.info(
@@ -66,6 +70,7 @@ class AssociationLog:
             tally.stored,
             tally.failed,
         )
+        return tally
 
 
 def handle_echo(event: Event) -> int:
@@ -79,7 +84,7 @@ def handle_store(
     """C-STORE: durable write, then index, then Success; never Success otherwise."""
     assoc = event.assoc
     try:
-        _store(event, spool, indexer)
+        _store(event, spool, indexer, assoc_log.tally(assoc).groups)
     except Exception as exc:
         status = dimse_status(exc)
         assoc_log.count(assoc, ok=False)
@@ -105,7 +110,7 @@ def handle_store(
     return int(StoreStatus.SUCCESS)
 
 
-def _store(event: Event, spool: Spool, indexer: GroupCommitIndexer) -> None:
+def _store(event: Event, spool: Spool, indexer: GroupCommitIndexer, groups_sent: set[str]) -> None:
     received_at = datetime.now(UTC)
     # pynetdicom has already written the data set, with File Meta, to a file
     # in the spool's incoming folder while the PDUs arrived (see scp.server).
@@ -127,7 +132,9 @@ def _store(event: Event, spool: Spool, indexer: GroupCommitIndexer) -> None:
     if record.sop_class_uid != str(request.AffectedSOPClassUID).strip("\0 "):
         raise NonConformantDataset("SOPClassUID differs from AffectedSOPClassUID")
     spool.adopt(received, record.path)
-    indexer.index(record)
+    key = group_key(record, indexer.grouping(record))
+    indexer.index(record, opens=key not in groups_sent)
+    groups_sent.add(key)
     log.debug("stored %s from %s", record.sop_instance_uid, record.calling_ae_title)
 
 
@@ -145,12 +152,14 @@ def handle_closed(event: Event, gate: AssociationGate) -> None:
     gate.closed(event.assoc)
 
 
-def handle_released(event: Event, assoc_log: AssociationLog) -> None:
-    assoc_log.finish(event.assoc, "released")
+def handle_released(event: Event, assoc_log: AssociationLog, indexer: GroupCommitIndexer) -> None:
+    tally = assoc_log.finish(event.assoc, "released")
+    indexer.association_ended(sorted(tally.groups), released=True)
 
 
-def handle_aborted(event: Event, assoc_log: AssociationLog) -> None:
-    assoc_log.finish(event.assoc, "aborted")
+def handle_aborted(event: Event, assoc_log: AssociationLog, indexer: GroupCommitIndexer) -> None:
+    tally = assoc_log.finish(event.assoc, "aborted")
+    indexer.association_ended(sorted(tally.groups), released=False)
 
 
 def handlers(
@@ -162,7 +171,7 @@ def handlers(
         (evt.EVT_REQUESTED, handle_requested, [gate]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [spool, indexer, assoc_log]),
-        (evt.EVT_RELEASED, handle_released, [assoc_log]),
-        (evt.EVT_ABORTED, handle_aborted, [assoc_log]),
+        (evt.EVT_RELEASED, handle_released, [assoc_log, indexer]),
+        (evt.EVT_ABORTED, handle_aborted, [assoc_log, indexer]),
         (evt.EVT_CONN_CLOSE, handle_closed, [gate]),
     ]

@@ -4,7 +4,10 @@ Each association thread submits its :class:`InstanceRecord` and waits; one
 writer thread takes everything queued, writes it in one transaction and wakes
 every waiter after the commit. A C-STORE therefore never answers Success
 before its row is committed, while eight concurrent senders pay for roughly
-one commit instead of eight.
+one commit instead of eight. The same transaction records the arrival in the
+study assembly state (db.assembly), so no acknowledged instance escapes the
+assembler; the end of an association goes through the same queue, after its
+instances.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine
 
+from db.assembly import Arrival, close_associations, note_arrivals
 from db.index import InstanceRecord, SeriesCache, upsert_instances
 from pacsnode.errors import IndexUnavailable
 
@@ -24,11 +31,36 @@ log = logging.getLogger(__name__)
 _STOP = object()
 
 
+@dataclass(frozen=True)
+class _Store:
+    record: InstanceRecord
+    opens: bool  # the association's first instance of this group
+    done: Future[None]
+
+
+@dataclass(frozen=True)
+class _Close:
+    key_uids: tuple[str, ...]
+    released: bool
+    at: datetime
+
+
+def group_key(record: InstanceRecord, grouping: str) -> str:
+    """The UID a group is assembled under: its study, or its series."""
+    return record.series_instance_uid if grouping == "series" else record.study_instance_uid
+
+
 class GroupCommitIndexer:
     """A writer thread that commits queued index records in batches."""
 
-    def __init__(self, engine: Engine, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        grouping_for: Callable[[str], str] = lambda ae_title: "study",
+        max_batch: int = 256,
+    ) -> None:
         self._engine = engine
+        self._grouping_for = grouping_for
         self._max_batch = max_batch
         self._series = SeriesCache()
         # One connection for the writer thread's life: a pool checkout per
@@ -38,14 +70,24 @@ class GroupCommitIndexer:
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
 
-    def index(self, record: InstanceRecord, timeout: float = 60.0) -> None:
-        """Return once ``record`` is committed; raise IndexUnavailable otherwise."""
+    def grouping(self, record: InstanceRecord) -> str:
+        return self._grouping_for(record.calling_ae_title)
+
+    def index(self, record: InstanceRecord, opens: bool = False, timeout: float = 60.0) -> None:
+        """Return once ``record`` is committed; raise IndexUnavailable otherwise.
+        ``opens``: the first instance of its group on this association."""
         done: Future[None] = Future()
-        self._queue.put((record, done))
+        self._queue.put(_Store(record, opens, done))
         try:
             done.result(timeout)
         except TimeoutError:
             raise IndexUnavailable("the index did not commit in time") from None
+
+    def association_ended(self, key_uids: Sequence[str], released: bool) -> None:
+        """Record (without waiting) that an association which sent these
+        groups was released or aborted."""
+        if key_uids:
+            self._queue.put(_Close(tuple(key_uids), released, datetime.now(UTC)))
 
     def close(self) -> None:
         self._queue.put(_STOP)
@@ -75,14 +117,55 @@ class GroupCommitIndexer:
                     self._queue.put(_STOP)
                     break
                 batch.append(more)
-            self._commit(batch)  # type: ignore[arg-type]
+            stores = [item for item in batch if isinstance(item, _Store)]
+            closes = [item for item in batch if isinstance(item, _Close)]
+            if stores:
+                self._commit(stores)
+            if closes:
+                self._close(closes)
 
-    def _commit(self, batch: list[tuple[InstanceRecord, Future[None]]]) -> None:
+    def _arrivals(self, stores: list[_Store], pks: dict[str, tuple[int, int]]) -> list[Arrival]:
+        groups: dict[str, Arrival] = {}
+        for item in stores:
+            r = item.record
+            grouping = self.grouping(r)
+            key = group_key(r, grouping)
+            study_pk, series_pk = pks[r.series_instance_uid]
+            seen = groups.get(key)
+            groups[key] = Arrival(
+                key_uid=key,
+                grouping=grouping,
+                study_pk=study_pk,
+                series_pk=series_pk if grouping == "series" else None,
+                calling_ae_title=r.calling_ae_title,
+                received_at=max(r.received_at, seen.received_at) if seen else r.received_at,
+                opens=(seen.opens if seen else 0) + int(item.opens),
+            )
+        return list(groups.values())
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def _close(self, closes: list[_Close]) -> None:
         try:
-            if self._conn is None:
-                self._conn = self._engine.connect()
-            with self._conn.begin():
-                upsert_instances(self._conn, [record for record, _ in batch], self._series)
+            conn = self._connection()
+            with conn.begin():
+                for close in closes:
+                    close_associations(conn, close.key_uids, close.released, close.at)
+        except Exception as exc:
+            # The assembler's quiet period still completes these groups.
+            self._reset_connection()
+            log.error("recording the end of an association failed: %s", type(exc).__name__)
+
+    def _commit(self, batch: list[_Store]) -> None:
+        try:
+            conn = self._connection()
+            with conn.begin():
+                records = [item.record for item in batch]
+                pks = upsert_instances(conn, records, self._series)
+                note_arrivals(conn, self._arrivals(batch, pks))
         except Exception as exc:  # the writer thread must outlive any error
             self._series.clear()  # a cached row may be what failed
             self._reset_connection()
@@ -93,9 +176,9 @@ class GroupCommitIndexer:
                 return
             # Log the class only: database messages can quote patient data.
             log.error("index commit failed: %s", type(exc).__name__)
-            batch[0][1].set_exception(
+            batch[0].done.set_exception(
                 IndexUnavailable(f"the index database failed: {type(exc).__name__}")
             )
             return
-        for _, done in batch:
-            done.set_result(None)
+        for item in batch:
+            item.done.set_result(None)

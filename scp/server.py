@@ -20,7 +20,7 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from pydicom import config as pydicom_config
@@ -175,7 +175,9 @@ def run_worker(
 ) -> None:
     """Serve associations on ``listener`` until ``stop`` is set or SIGTERM."""
     engine = create_db_engine(settings.effective_database_url, pool_size=2, max_overflow=4)
-    indexer = GroupCommitIndexer(engine)
+    indexer = GroupCommitIndexer(
+        engine, grouping_for=lambda ae_title: settings.completion_for(ae_title).grouping
+    )
     spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 2**20)
     # Received data sets stream to a file as their PDUs arrive, in the spool's
     # incoming folder: no copy in memory, and storing one is a rename. Both
@@ -234,31 +236,52 @@ def _worker_main(settings: Settings, listener: socket.socket, counts: Any, slot:
     run_worker(settings, listener, counts, slot)
 
 
-class SCPSupervisor:
-    """Pre-forks the SCP workers and keeps them running."""
+Service = Callable[[Settings, threading.Event], None]
 
-    def __init__(self, settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+
+def _service_main(name: str, target: Service, settings: Settings) -> None:
+    _die_with_parent()
+    from pacsnode.logs import configure_logging
+
+    configure_logging(settings.log_level, process_name=name)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    target(settings, stop)
+
+
+class SCPSupervisor:
+    """Pre-forks the SCP workers and the node's other services (each
+    ``(name, function(settings, stop_event))`` in its own process) and keeps
+    them all running."""
+
+    def __init__(self, settings: Settings, services: Sequence[tuple[str, Service]] = ()) -> None:
         self.settings = settings
         self.listener = bind_listener(settings)
         self._ctx = multiprocessing.get_context("fork")
         self._n = settings.effective_scp_processes
         self._counts = self._ctx.Array("i", self._n, lock=False)
-        self._procs: list[multiprocessing.process.BaseProcess | None] = [None] * self._n
+        self._services = list(services)
+        self._procs: list[multiprocessing.process.BaseProcess | None] = [None] * (
+            self._n + len(self._services)
+        )
         self._stop = threading.Event()
-        self._on_ready = on_ready
 
     @property
     def port(self) -> int:
         return int(self.listener.getsockname()[1])
 
     def _spawn(self, slot: int) -> None:
-        self._counts[slot] = 0
-        proc = self._ctx.Process(
-            target=_worker_main,
-            args=(self.settings, self.listener, self._counts, slot),
-            name=f"pacsnode-scp-{slot}",
-            daemon=False,
-        )
+        if slot < self._n:
+            self._counts[slot] = 0
+            target: Callable[..., None] = _worker_main
+            args: tuple[Any, ...] = (self.settings, self.listener, self._counts, slot)
+            name = f"pacsnode-scp-{slot}"
+        else:
+            service_name, service = self._services[slot - self._n]
+            target, args = _service_main, (service_name, service, self.settings)
+            name = f"pacsnode-{service_name}"
+        proc = self._ctx.Process(target=target, args=args, name=name, daemon=False)
         proc.start()
         self._procs[slot] = proc
 
@@ -266,7 +289,7 @@ class SCPSupervisor:
         removed = Spool(self.settings.spool_dir, 0).clear_incoming()
         if removed:
             log.warning("removed %d unacknowledged partial data set(s) from a crash", removed)
-        for slot in range(self._n):
+        for slot in range(len(self._procs)):
             self._spawn(slot)
         log.info(
             "storage SCP %s listening on %s:%d with %d process(es)",
@@ -275,12 +298,10 @@ class SCPSupervisor:
             self.port,
             self._n,
         )
-        if self._on_ready:
-            self._on_ready()
         while not self._stop.wait(0.5):
             for slot, proc in enumerate(self._procs):
                 if proc is not None and not proc.is_alive():
-                    log.error("SCP process %d exited with %s; restarting", slot, proc.exitcode)
+                    log.error("%s exited with %s; restarting", proc.name, proc.exitcode)
                     self._spawn(slot)
         for proc in self._procs:
             if proc is not None and proc.pid is not None and proc.is_alive():
