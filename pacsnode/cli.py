@@ -47,6 +47,26 @@ def serve() -> None:
 
 
 @app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated: cpu, gpu")] = "cpu,gpu",
+    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 1,
+) -> None:
+    """Run a Celery worker for pacsnode's queues (e.g. --queues gpu on a GPU machine)."""
+    from pacsnode.logs import configure_logging
+    from pacsnode.serve import worker_argv
+
+    settings = _settings()
+    unknown = set(queues.split(",")) - {"cpu", "gpu"}
+    if unknown:
+        err.print(f"[red]pacsnode worker: unknown queue(s) {sorted(unknown)}[/red]")
+        raise typer.Exit(2)
+    configure_logging(settings.log_level, process_name="worker")
+    from workers.tasks import app as celery_app
+
+    celery_app.worker_main(argv=worker_argv(queues, concurrency, settings.log_level))
+
+
+@app.command()
 def echo(
     target: Annotated[str, typer.Argument(help="AE@HOST:PORT of the peer to verify")],
     timeout: Annotated[float, typer.Option(help="seconds to wait for the peer")] = 10.0,

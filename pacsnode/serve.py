@@ -1,14 +1,16 @@
 """``pacsnode serve``: the all-in-one node on one machine.
 
 Start-up order: check the configuration (done by the caller), bring the
-database schema to head, then run the storage SCP processes and the study
-assembler, each in its own process under one supervisor. Later parts of the
-pipeline (the dispatcher, a worker, the HTTP API) join here.
+database schema to head, then run the storage SCP processes, the study
+assembler, the dispatcher and a Celery worker (both queues), each in its own
+process under one supervisor. Dedicated workers elsewhere run
+``pacsnode worker``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -28,6 +30,42 @@ def assembler_service(settings: Settings, stop: threading.Event) -> None:
     engine.dispose()
 
 
+def dispatcher_service(settings: Settings, stop: threading.Event) -> None:
+    from pacsnode.dispatcher import run_dispatcher
+    from workers.celery_app import make_app
+
+    engine = create_db_engine(settings.effective_database_url)
+    run_dispatcher(engine, make_app(settings), stop)
+    engine.dispose()
+
+
+def worker_argv(queues: str, concurrency: int, log_level: str) -> list[str]:
+    return [
+        "worker",
+        f"--queues={queues}",
+        f"--concurrency={concurrency}",
+        f"--loglevel={log_level}",
+        "--hostname=pacsnode@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+
+
+def worker_service(settings: Settings, stop: threading.Event) -> None:
+    """A Celery worker for both queues; it handles SIGTERM itself (warm
+    shutdown: the running task finishes, unstarted ones stay queued)."""
+    # Until Celery installs its own handler it holds no task: a stop request
+    # during start-up (imports take seconds) ends the process at once.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if stop.is_set():
+        return
+    from workers.celery_app import CPU_QUEUE, GPU_QUEUE
+    from workers.tasks import app
+
+    app.worker_main(argv=worker_argv(f"{CPU_QUEUE},{GPU_QUEUE}", 1, settings.log_level))
+
+
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +75,12 @@ def serve(settings: Settings) -> int:
     log.info("database ready at revision %s", revision)
     if not settings.peers:
         log.warning("no peers configured: every association will be rejected (default-deny)")
-    supervisor = SCPSupervisor(settings, services=[("assembler", assembler_service)])
+    services = [
+        ("assembler", assembler_service),
+        ("dispatcher", dispatcher_service),
+        ("worker", worker_service),
+    ]
+    supervisor = SCPSupervisor(settings, services=services)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
     signal.signal(signal.SIGINT, lambda *_: supervisor.stop())
     # One machine-readable line on stdout: tests and scripts wait for it.

@@ -20,6 +20,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -228,12 +229,29 @@ def _die_with_parent() -> None:
         pass
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _child_stop_event() -> threading.Event:
+    """In a freshly forked child: SIGTERM/SIGINT set the returned event.
+
+    The supervisor forks with these signals blocked (see ``_spawn``), so a
+    stop request that arrives before this runs is held, not lost to the
+    parent's inherited handler, and is delivered here once unblocked."""
+    stop = threading.Event()
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, lambda *_: stop.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    return stop
+
+
 def _worker_main(settings: Settings, listener: socket.socket, counts: Any, slot: int) -> None:
     _die_with_parent()
+    stop = _child_stop_event()
     from pacsnode.logs import configure_logging
 
     configure_logging(settings.log_level, process_name=f"scp-{slot}")
-    run_worker(settings, listener, counts, slot)
+    run_worker(settings, listener, counts, slot, stop)
 
 
 Service = Callable[[Settings, threading.Event], None]
@@ -241,12 +259,10 @@ Service = Callable[[Settings, threading.Event], None]
 
 def _service_main(name: str, target: Service, settings: Settings) -> None:
     _die_with_parent()
+    stop = _child_stop_event()
     from pacsnode.logs import configure_logging
 
     configure_logging(settings.log_level, process_name=name)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     target(settings, stop)
 
 
@@ -282,7 +298,11 @@ class SCPSupervisor:
             target, args = _service_main, (service_name, service, self.settings)
             name = f"pacsnode-{service_name}"
         proc = self._ctx.Process(target=target, args=args, name=name, daemon=False)
-        proc.start()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self._procs[slot] = proc
 
     def run(self) -> None:
@@ -306,9 +326,16 @@ class SCPSupervisor:
         for proc in self._procs:
             if proc is not None and proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.network_timeout_s + 5
         for proc in self._procs:
             if proc is not None:
-                proc.join(timeout=self.settings.network_timeout_s + 5)
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
+                if proc.is_alive():
+                    # Safe: what it acknowledged is on disk; a task it was
+                    # running is redelivered (acks_late).
+                    log.error("%s did not stop in time; killing it", proc.name)
+                    proc.kill()
+                    proc.join()
         self.listener.close()
 
     def stop(self) -> None:

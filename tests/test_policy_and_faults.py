@@ -209,3 +209,20 @@ def test_cli_echo(node: Node) -> None:
     assert closed.returncode == 1
     assert "no association" in closed.stderr
     assert node.cli("echo", "not-a-target").returncode == 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sigterm_right_after_start_stops_every_process(node: Node) -> None:
+    """A stop request that reaches a child process before it has set up its
+    own signal handling must not be lost (the node would hang on exit)."""
+    assert node.process is not None
+    children = subprocess.run(
+        ["pgrep", "-P", str(node.process.pid)], capture_output=True, text=True
+    ).stdout.split()
+    node.process.terminate()
+    assert node.process.wait(timeout=25) == 0
+    for pid in children:
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        ), f"child {pid} outlived the node"

@@ -1,0 +1,99 @@
+"""Job state transitions on both databases, without a broker: the outbox rows
+the assembler writes, and what the dispatcher does with jobs whose worker
+was lost."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, select
+
+from db.assembly import Arrival, assembling, note_arrivals, trigger
+from db.index import upsert_instances
+from db.migrate import upgrade
+from db.models import Job
+from db.session import create_db_engine
+from pacsnode.dispatcher import MAX_ATTEMPTS, recover_lost_jobs
+from tests.test_index import _record
+from workers import jobstate
+from workers.celery_app import TASK_TIME_LIMIT_S
+
+
+def _job(engine: Engine, study: int) -> int:
+    """One indexed instance of its own study, assembled and triggered."""
+    now = datetime.now(UTC)
+    record = _record(1, study=study)
+    with engine.begin() as conn:
+        study_pk, _ = upsert_instances(conn, [record])[record.series_instance_uid]
+        arrival = Arrival(record.study_instance_uid, "study", study_pk, None, "CT1", now, 0)
+        note_arrivals(conn, [arrival])
+        row = next(r for r in assembling(conn) if r.key_uid == record.study_instance_uid)
+        job_id = trigger(conn, row, "quiet_period", now)
+    assert job_id is not None
+    return job_id
+
+
+def _state(engine: Engine, job_id: int) -> Job:
+    with engine.connect() as conn:
+        return conn.execute(select(Job).where(Job.id == job_id)).one()  # type: ignore[return-value]
+
+
+def test_transitions_and_counts(database_url: str) -> None:
+    engine = create_db_engine(database_url)
+    upgrade(engine)
+    a, b = _job(engine, 1), _job(engine, 2)
+    with engine.begin() as conn:
+        assert jobstate.pending_jobs(conn) == [a, b]
+        jobstate.mark_queued(conn, a)
+        jobstate.mark_running(conn, a)
+        jobstate.mark_running(conn, a)  # redelivered: a second run
+        jobstate.mark_succeeded(conn, a)
+        jobstate.mark_failed(conn, b, "x" * 5000)
+        assert jobstate.counts(conn) == {"succeeded": 1, "failed": 1}
+    assert _state(engine, a).attempts == 2
+    assert len(_state(engine, b).error) == 1024
+
+
+def test_restart_publishes_queued_and_running_jobs_again(database_url: str) -> None:
+    engine = create_db_engine(database_url)
+    upgrade(engine)
+    queued, running, done = _job(engine, 1), _job(engine, 2), _job(engine, 3)
+    with engine.begin() as conn:
+        for job_id in (queued, running, done):
+            jobstate.mark_queued(conn, job_id)
+        jobstate.mark_running(conn, running)
+        jobstate.mark_running(conn, done)
+        jobstate.mark_succeeded(conn, done)
+        assert jobstate.requeue_unfinished(conn) == 2
+        assert jobstate.pending_jobs(conn) == [queued, running]
+
+
+def test_job_whose_worker_was_lost_is_published_again_then_failed(database_url: str) -> None:
+    engine = create_db_engine(database_url)
+    upgrade(engine)
+    lost, fresh = _job(engine, 1), _job(engine, 2)
+    with engine.begin() as conn:
+        for job_id in (lost, fresh):
+            jobstate.mark_queued(conn, job_id)
+            jobstate.mark_running(conn, job_id)
+    # Within the time limit nothing happens; past it, only the old one moves.
+    assert recover_lost_jobs(engine) == (0, 0)
+    later = datetime.now(UTC) + timedelta(seconds=TASK_TIME_LIMIT_S + 120)
+    with engine.begin() as conn:
+        conn.execute(
+            Job.__table__.update()
+            .where(Job.id == fresh)
+            .values(started_at=later - timedelta(seconds=5))
+        )
+    assert recover_lost_jobs(engine, now=later) == (1, 0)
+    assert _state(engine, lost).state == "pending"
+    assert _state(engine, fresh).state == "running"
+    # Each run counts; after MAX_ATTEMPTS runs a lost job fails with a reason.
+    for _ in range(MAX_ATTEMPTS - 1):
+        with engine.begin() as conn:
+            jobstate.mark_running(conn, lost)
+    assert recover_lost_jobs(engine, now=later) == (0, 1)
+    job = _state(engine, lost)
+    assert job.state == "failed"
+    assert job.attempts == MAX_ATTEMPTS
+    assert "worker lost" in job.error

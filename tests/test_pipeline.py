@@ -1,0 +1,197 @@
+"""Arrival to finished job through a real broker and a real Celery worker.
+
+Each test runs twice: with the embedded broker (files under the data folder)
+and with Redis (PACSNODE_TEST_REDIS_URL, default 127.0.0.1:6379, a database
+of its own that is flushed first).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from models.phantom import SeriesSpec, ct_series_datasets, write_ct_series
+from tests.support import IN_CI, Node, free_port, node_config, require_binary, wait_for
+from tests.test_assembly import FAST, jobs
+
+REDIS_URL = os.environ.get("PACSNODE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "embedded":
+        yield ""
+        return
+    url = f"{REDIS_URL}/{random.randint(1, 15)}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis at {REDIS_URL} is required under CI: {exc}")
+        pytest.skip(f"Redis not reachable at {REDIS_URL}")
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture
+def pipeline_node(make_node, broker_url: str) -> Node:  # type: ignore[no-untyped-def]
+    return make_node(
+        config=node_config(completion=FAST), env_extra={"PACSNODE_BROKER_URL": broker_url}
+    ).start()
+
+
+def storescu(node: Node, folder: Path) -> None:
+    result = subprocess.run(
+        [
+            require_binary("storescu"),
+            "-aec",
+            "PACSNODE",
+            "+sd",
+            "127.0.0.1",
+            str(node.port),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def finished(node: Node, count: int) -> list[Any] | None:
+    found = jobs(node)
+    done = [j for j in found if j.state in ("succeeded", "failed")]
+    return found if len(found) == count and len(done) == count else None
+
+
+def test_study_runs_to_succeeded(pipeline_node: Node, tmp_path: Path) -> None:
+    write_ct_series(tmp_path / "ct", SeriesSpec(slices=12, rows=64, columns=64, seed=11))
+    storescu(pipeline_node, tmp_path / "ct")
+    (job,) = wait_for(lambda: finished(pipeline_node, 1), timeout=60, what="job to finish")
+    assert (job.state, job.error, job.attempts) == ("succeeded", "", 1)
+    assert job.queued_at is not None and job.started_at is not None
+    cache = pipeline_node.data_dir / "cache" / "preprocessed"
+    assert len(list(cache.rglob("*.npy"))) == 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_bad_geometry_fails_the_job_with_its_reason(pipeline_node: Node, tmp_path: Path) -> None:
+    datasets = ct_series_datasets(SeriesSpec(slices=6, rows=32, columns=32, seed=12))
+    datasets[3].ImagePositionPatient = list(datasets[2].ImagePositionPatient)  # duplicate
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    for k, ds in enumerate(datasets):
+        ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
+    storescu(pipeline_node, folder)
+    (job,) = wait_for(lambda: finished(pipeline_node, 1), timeout=60, what="job to finish")
+    assert job.state == "failed"
+    assert "duplicate" in job.error.lower()
+    assert datasets[0].SeriesInstanceUID in job.error
+    assert "Phantom" not in job.error and "PHANTOM-0001" not in job.error
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_worker_killed_mid_task_is_redelivered_and_completes_once(
+    pipeline_node: Node, tmp_path: Path
+) -> None:
+    # Big enough that the task is still running when it is killed.
+    write_ct_series(tmp_path / "ct", SeriesSpec(slices=160, rows=512, columns=512, seed=13))
+    storescu(pipeline_node, tmp_path / "ct")
+    wait_for(
+        lambda: [j for j in jobs(pipeline_node) if j.state == "running"],
+        timeout=60,
+        what="the job to start",
+    )
+    assert pipeline_node.process is not None
+    # serve → worker service → its pool process, which runs the task.
+    pool = [g for c in _children(pipeline_node.process.pid) for g in _children(c)]
+    assert len(pool) == 1, pool
+    os.kill(pool[0], 9)
+    (job,) = wait_for(lambda: finished(pipeline_node, 1), timeout=120, what="job to finish")
+    assert job.state == "succeeded"
+    assert job.attempts == 2  # the killed run and the redelivered one
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    exe = require_binary("redis-server")
+    port = free_port()
+    state: dict[str, Any] = {"port": port, "proc": None}
+
+    def start() -> None:
+        state["proc"] = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=port)
+        wait_for(lambda: _ping(client), what="private redis")
+
+    def stop() -> None:
+        state["proc"].terminate()
+        state["proc"].wait(timeout=10)
+
+    state["start"], state["stop"] = start, stop
+    start()
+    yield state
+    if state["proc"].poll() is None:
+        stop()
+
+
+def _ping(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def test_broker_down_while_studies_arrive(
+    make_node, private_redis: dict[str, Any], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    url = f"redis://127.0.0.1:{private_redis['port']}/0"
+    node = make_node(
+        config=node_config(completion=FAST), env_extra={"PACSNODE_BROKER_URL": url}
+    ).start()
+    private_redis["stop"]()
+    for k in range(3):
+        write_ct_series(tmp_path / f"s{k}", SeriesSpec(slices=4, rows=32, columns=32, seed=20 + k))
+        storescu(node, tmp_path / f"s{k}")  # still acknowledged: the broker is not needed
+    pending = wait_for(
+        lambda: (j := jobs(node)) and len(j) == 3 and j, timeout=30, what="three jobs"
+    )
+    assert {j.state for j in pending} == {"pending"}
+    private_redis["start"]()
+    done = wait_for(lambda: finished(node, 3), timeout=90, what="all jobs after Redis is back")
+    assert [(j.state, j.attempts) for j in done] == [("succeeded", 1)] * 3
