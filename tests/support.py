@@ -142,3 +142,22 @@ def node_config(peers: list[dict[str, Any]] | None = None, **settings: Any) -> d
         {"ae_title": ae, "hosts": ["127.0.0.1"]} for ae in ("STORESCU", "ECHOSCU", "TESTSCU")
     ]
     return {"peers": default_peers if peers is None else peers, **settings}
+
+
+def storescu(node: Node, folder: Path) -> None:
+    """Send every file below ``folder`` to ``node`` with dcmtk's storescu."""
+    result = subprocess.run(
+        [
+            require_binary("storescu"),
+            "-aec",
+            "PACSNODE",
+            "+sd",
+            "127.0.0.1",
+            str(node.port),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +19,7 @@ from db.session import create_db_engine
 from models.phantom import SeriesSpec, ct_series_datasets, write_ct_series
 from pacsnode.assembler import due
 from pacsnode.settings import CompletionPolicy
-from tests.support import Node, node_config, require_binary, wait_for
+from tests.support import Node, node_config, storescu, wait_for
 
 FAST = {"debounce_s": 0.3, "quiet_period_s": 2.0, "max_wait_s": 4.0}
 
@@ -32,24 +31,6 @@ def jobs(node: Node) -> list[Any]:
             return list(conn.execute(select(Job).order_by(Job.id)).all())
     finally:
         engine.dispose()
-
-
-def storescu(node: Node, folder: Path) -> None:
-    result = subprocess.run(
-        [
-            require_binary("storescu"),
-            "-aec",
-            "PACSNODE",
-            "+sd",
-            "127.0.0.1",
-            str(node.port),
-            str(folder),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def open_association(node: Node):  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from models.phantom import SeriesSpec, ct_series_datasets, write_ct_series
-from tests.support import IN_CI, Node, free_port, node_config, require_binary, wait_for
+from tests.support import IN_CI, Node, free_port, node_config, require_binary, storescu, wait_for
 from tests.test_assembly import FAST, jobs
 
 REDIS_URL = os.environ.get("PACSNODE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -46,24 +46,6 @@ def pipeline_node(make_node, broker_url: str) -> Node:  # type: ignore[no-untype
     return make_node(
         config=node_config(completion=FAST), env_extra={"PACSNODE_BROKER_URL": broker_url}
     ).start()
-
-
-def storescu(node: Node, folder: Path) -> None:
-    result = subprocess.run(
-        [
-            require_binary("storescu"),
-            "-aec",
-            "PACSNODE",
-            "+sd",
-            "127.0.0.1",
-            str(node.port),
-            str(folder),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def finished(node: Node, count: int) -> list[Any] | None:
