@@ -12,7 +12,9 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -170,3 +172,68 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str] = mapped_column(String(1024), default="")
+
+
+class Finding(Base):
+    """One coded finding of one model on one series: a classification label
+    with its probability, and whether the out-of-distribution gate flagged the
+    input. A re-run of the same model version on the series replaces its rows
+    (db.results.replace_results), so results are never duplicated."""
+
+    __tablename__ = "finding"
+    __table_args__ = (
+        UniqueConstraint("series_pk", "model_name", "model_version", "code_value", "code_scheme"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(32))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    task: Mapped[str] = mapped_column(String(16))
+    code_scheme: Mapped[str] = mapped_column(String(16))
+    code_value: Mapped[str] = mapped_column(String(64))
+    code_meaning: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    positive: Mapped[bool] = mapped_column(Boolean)
+    ood: Mapped[bool] = mapped_column(Boolean)
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Segment(Base):
+    """One segment of one segmentation model on one series, with its
+    measurements; the mask itself is a file under ``<data_dir>/results``
+    (relative path), read back to encode DICOM-SEG."""
+
+    __tablename__ = "segment"
+    __table_args__ = (
+        UniqueConstraint("series_pk", "model_name", "model_version", "segment_number"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(32))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    segment_number: Mapped[int] = mapped_column(Integer)
+    code_scheme: Mapped[str] = mapped_column(String(16))
+    code_value: Mapped[str] = mapped_column(String(64))
+    code_meaning: Mapped[str] = mapped_column(String(64))
+    voxel_count: Mapped[int] = mapped_column(BigInteger)
+    volume_mm3: Mapped[float] = mapped_column(Float)
+    # Bounding box in voxel indices of the source series, half-open [lo, hi).
+    bbox_z0: Mapped[int] = mapped_column(Integer)
+    bbox_y0: Mapped[int] = mapped_column(Integer)
+    bbox_x0: Mapped[int] = mapped_column(Integer)
+    bbox_z1: Mapped[int] = mapped_column(Integer)
+    bbox_y1: Mapped[int] = mapped_column(Integer)
+    bbox_x1: Mapped[int] = mapped_column(Integer)
+    mean_intensity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ood: Mapped[bool] = mapped_column(Boolean)
+    mask_path: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,6 +1,6 @@
-"""Job state transitions on both databases, without a broker: the outbox rows
-the assembler writes, and what the dispatcher does with jobs whose worker
-was lost."""
+"""Job state and results on both databases, without a broker: the outbox
+rows the assembler writes, what the dispatcher does with jobs whose worker
+was lost, and results that a re-run replaces."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from sqlalchemy import Engine, select
 from db.assembly import Arrival, assembling, note_arrivals, trigger
 from db.index import upsert_instances
 from db.migrate import upgrade
-from db.models import Job
+from db.models import Finding, Job, Segment, Series
+from db.results import Code, FindingRecord, ModelIdentity, SegmentRecord, replace_results
 from db.session import create_db_engine
 from pacsnode.dispatcher import MAX_ATTEMPTS, recover_lost_jobs
 from tests.test_index import _record
@@ -97,3 +98,33 @@ def test_job_whose_worker_was_lost_is_published_again_then_failed(database_url: 
     assert job.state == "failed"
     assert job.attempts == MAX_ATTEMPTS
     assert "worker lost" in job.error
+
+
+def test_a_rerun_replaces_results_never_duplicates(database_url: str) -> None:
+    engine = create_db_engine(database_url)
+    upgrade(engine)
+    job_id = _job(engine, 1)
+    with engine.connect() as conn:
+        job = conn.execute(select(Job).where(Job.id == job_id)).one()
+        series_pk = conn.execute(select(Series.id).where(Series.study_pk == job.study_pk)).scalar()
+    model = ModelIdentity("lesion-classifier", "1.0.0", "ab" * 32, "classification")
+    lesion = Code("SCT", "52988006", "Lesion")
+    segment = SegmentRecord(1, lesion, 10, 12.5, (0, 1, 2, 3, 4, 5), 80.0, False, "x.npz")
+    for probability in (0.9, 0.2):
+        with engine.begin() as conn:
+            replace_results(
+                conn,
+                job_id=job_id,
+                study_pk=job.study_pk,
+                series_pk=series_pk,
+                model=model,
+                findings=[FindingRecord(lesion, probability, probability > 0.5, False, 0.01)],
+                segments=[segment],
+            )
+    with engine.connect() as conn:
+        findings = conn.execute(select(Finding)).all()
+        segments = conn.execute(select(Segment)).all()
+    assert [(f.probability, f.positive, f.model_version) for f in findings] == [
+        (0.2, False, "1.0.0")
+    ]
+    assert [(s.volume_mm3, s.bbox_x1, s.mask_path) for s in segments] == [(12.5, 5, "x.npz")]
