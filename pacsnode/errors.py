@@ -17,6 +17,12 @@ class ConfigError(PacsnodeError):
     """The configuration is invalid; the message names the offending key."""
 
 
+class ModelConfigError(ConfigError):
+    """A model manifest or its weights file is invalid (``models.registry``);
+    the message names the manifest file and the key. Raised at start-up, so
+    the node never runs a model it cannot vouch for."""
+
+
 class IngestError(PacsnodeError):
     """An instance offered by a peer could not be accepted."""
 

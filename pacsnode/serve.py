@@ -1,9 +1,10 @@
 """``pacsnode serve``: the all-in-one node on one machine.
 
-Start-up order: check the configuration (done by the caller), bring the
-database schema to head, then run the storage SCP processes, the study
-assembler, the dispatcher and a Celery worker (both queues), each in its own
-process under one supervisor. Dedicated workers elsewhere run
+Start-up order: check the configuration (done by the caller), check the
+installed models (manifests and weights hashes), bring the database schema to
+head, then run the storage SCP processes, the study assembler, the dispatcher
+and a Celery worker (both queues), each in its own process under one
+supervisor. Dedicated workers elsewhere run
 ``pacsnode worker``.
 """
 
@@ -12,14 +13,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+from typing import TYPE_CHECKING
 
 from db.migrate import upgrade
 from db.session import create_db_engine
 from pacsnode.assembler import run_assembler
+from pacsnode.errors import ConfigError
 from pacsnode.logs import configure_logging
 from pacsnode.settings import Settings
 from scp.server import SCPSupervisor
+
+if TYPE_CHECKING:
+    from models.registry import Registry
 
 log = logging.getLogger("pacsnode.serve")
 
@@ -66,8 +73,31 @@ def worker_service(settings: Settings, stop: threading.Event) -> None:
     app.worker_main(argv=worker_argv(f"{CPU_QUEUE},{GPU_QUEUE}", 1, settings.log_level))
 
 
+def check_models(settings: Settings) -> Registry:
+    """Load the model registry before anything starts: a bad manifest or a
+    weights file that does not match its hash stops the node here, with the
+    file named, instead of failing jobs later. Imported lazily: reading
+    manifests pulls in the preprocessing module (numpy, scipy)."""
+    from models.registry import Registry
+
+    registry = Registry.load(settings.models_dir, settings.disabled_models)
+    log.info(
+        "models: %d installed, %d enabled, from %s",
+        len(registry.models),
+        len(registry.enabled),
+        settings.models_dir,
+    )
+    return registry
+
+
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
+    try:
+        check_models(settings)
+    except ConfigError as exc:
+        # Same form and exit status as the CLI's configuration errors.
+        print(f"pacsnode: {exc}", file=sys.stderr, flush=True)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_db_engine(settings.effective_database_url)
     revision = upgrade(engine)

@@ -29,6 +29,10 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pacsnode.errors import ConfigError
 
 CONFIG_ENV = "PACSNODE_CONFIG"
+# The demonstration models shipped with pacsnode (DESIGN §4), in the ``models``
+# package beside this one. Found by location, not by ``import models``: a
+# ``models/`` folder in the working directory could shadow that name.
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models" / "bundled"
 
 
 def _check_ae_title(value: str) -> str:
@@ -148,8 +152,12 @@ class Settings(BaseSettings):
     max_pdu_size: int = Field(default=262_144, ge=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    # One sub-folder per model (manifest.yaml + weights), checked at start-up.
+    models_dir: Path = BUNDLED_MODELS_DIR
+    # Models not to run: "name" (every version) or "name@version".
+    disabled_models: list[Annotated[str, Field(min_length=1)]] = []
 
-    @field_validator("data_dir")
+    @field_validator("data_dir", "models_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()

@@ -36,6 +36,7 @@ from workers.preprocess import (
     _write_atomically,
     output_geometry,
     preprocess,
+    restore,
 )
 from workers.volume import Volume, load_series
 
@@ -392,6 +393,30 @@ def test_resampling_keeps_the_marker_in_place(
     # within half an output voxel, and in fact much closer (linear interpolation)
     tolerance = np.minimum(np.asarray(geometry.spacing)[::-1] / 2, 0.2)
     assert np.all(np.abs(found - centroid) <= tolerance), (found, centroid)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        PreprocessSpec(target_spacing=(1.0, 1.0, 1.0)),
+        PreprocessSpec(target_spacing=(1.0, 1.0, 1.0), target_shape=(40, 32, 50)),
+        PreprocessSpec(target_shape=(12, 32, 48)),
+    ],
+    ids=["iso-1mm", "crop-pad", "resize"],
+)
+def test_restore_maps_a_mask_back_onto_the_source_voxels(
+    tmp_path: Path, spec: PreprocessSpec
+) -> None:
+    """A mask made on the model's grid, mapped back, covers the source cube."""
+    volume, _ = cube_series(tmp_path)
+    mask = (preprocess(volume, spec) > 0).astype(np.float32)  # the cube at 1000 HU
+    back = restore(mask, volume, spec) >= 0.5
+    truth = volume.array > 0
+    assert back.shape == volume.array.shape
+    dice = 2 * np.logical_and(back, truth).sum() / (back.sum() + truth.sum())
+    assert dice > 0.8, dice
+    with pytest.raises(PreprocessError, match="not the preprocessed shape"):
+        restore(mask[:-1], volume, spec)
 
 
 def test_window_maps_to_unit_range(tmp_path: Path) -> None:

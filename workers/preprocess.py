@@ -173,6 +173,25 @@ def preprocess(volume: Volume, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
+def restore(array: np.ndarray, volume: Volume, spec: PreprocessSpec, order: int = 1) -> np.ndarray:
+    """Map a model output on the grid of :func:`preprocess` (e.g. lesion
+    probabilities) back onto the source volume's voxels; outside the model's
+    field of view (cropped away) the result is 0."""
+    plan = _plan(volume.array.shape, volume.spacing, spec)
+    if array.shape != plan.shape:
+        raise PreprocessError(
+            f"series {volume.series_instance_uid}: output shape {array.shape} is not "
+            f"the preprocessed shape {plan.shape}"
+        )
+    # Source index i lies at output coordinate (i - offset) / scale.
+    out = np.zeros(volume.array.shape, dtype=np.float32)
+    ndi.affine_transform(
+        np.asarray(array, dtype=np.float32), 1.0 / plan.scale, -plan.offset / plan.scale,
+        output=out, order=order, mode="constant", cval=0.0,
+    )  # fmt: skip
+    return out
+
+
 def _resample(array: np.ndarray, plan: _Plan, order: int) -> np.ndarray:
     region_shape = tuple(s.stop - s.start for s in plan.valid)
     if region_shape == plan.shape:
