@@ -3,25 +3,34 @@
     load → preprocess → infer → fuse → persist → encode → export
 
 Each stage is a plain function of the job context, run in order by
-:func:`run`. This release has load and preprocess; model inference, fusion,
-persistence of results, DICOM-SEG/SR encoding and export join ``STAGES`` as
-they land.
+:func:`run`. This release has load, preprocess, infer and persist; fusion,
+DICOM-SEG/SR encoding and export join ``STAGES`` as they land.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pydicom
 from sqlalchemy import Engine, select
 
 from db.models import Instance, Job, Series, Study
+from db.results import replace_results
+from models.manifest import SeriesInfo
+from models.registry import RegisteredModel, Registry
 from pacsnode.settings import Settings
+from workers.infer import ModelResult, infer_series
 from workers.preprocess import PreprocessCache, PreprocessSpec
-from workers.volume import load_series
+from workers.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +44,14 @@ VOLUME_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image",
 }
 
-# Until models bring their own specs: the volume in its own geometry,
-# robustly scaled to [0, 1]. Cached, so the models of a job reuse it.
-DEFAULT_SPEC = PreprocessSpec(normalise="percentile")
-
 
 @dataclass
 class SeriesInput:
     series_instance_uid: str
     modality: str
+    body_part_examined: str
+    series_description: str
+    series_pk: int
     paths: list[Path]
     sop_instance_uids: list[str]
 
@@ -53,10 +61,24 @@ class JobContext:
     job_id: int
     study_instance_uid: str
     settings: Settings
+    study_pk: int = 0
     series: list[SeriesInput] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    volumes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    volumes: dict[str, Volume] = field(default_factory=dict)
+    models: dict[str, list[RegisteredModel]] = field(default_factory=dict)
+    inputs: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    results: list[ModelResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@cache
+def _registry(models_dir: Path, disabled: tuple[str, ...]) -> Registry:
+    """Manifests are read once per worker process (serve checked them at start)."""
+    return Registry.load(models_dir, disabled)
+
+
+def registry(settings: Settings) -> Registry:
+    return _registry(settings.models_dir, tuple(settings.disabled_models))
 
 
 def load(ctx: JobContext, engine: Engine) -> None:
@@ -65,8 +87,11 @@ def load(ctx: JobContext, engine: Engine) -> None:
         job = conn.execute(select(Job).where(Job.id == ctx.job_id)).one()
         stmt = (
             select(
+                Series.id,
                 Series.series_instance_uid,
                 Series.modality,
+                Series.body_part_examined,
+                Series.series_description,
                 Instance.sop_class_uid,
                 Instance.sop_instance_uid,
                 Instance.path,
@@ -82,36 +107,123 @@ def load(ctx: JobContext, engine: Engine) -> None:
             select(Study.study_instance_uid).where(Study.id == job.study_pk)
         ).scalar_one()
     ctx.study_instance_uid = study_uid
+    ctx.study_pk = job.study_pk
     by_series: dict[str, SeriesInput] = {}
-    for series_uid, modality, sop_class, sop_uid, path in rows:
+    for series_pk, series_uid, modality, body_part, description, sop_class, sop_uid, path in rows:
         if sop_class not in VOLUME_SOP_CLASSES:
             if series_uid not in ctx.skipped:
                 ctx.skipped.append(series_uid)
             continue
-        entry = by_series.setdefault(series_uid, SeriesInput(series_uid, modality, [], []))
+        entry = by_series.setdefault(
+            series_uid,
+            SeriesInput(
+                series_uid, modality, body_part or "", description or "", series_pk, [], []
+            ),
+        )
         entry.paths.append(ctx.settings.spool_dir / path)
         entry.sop_instance_uids.append(sop_uid)
     ctx.series = list(by_series.values())
 
 
+def _series_info(series: SeriesInput, volume: Volume) -> SeriesInfo:
+    header = pydicom.dcmread(series.paths[0], stop_before_pixels=True, specific_tags=["ImageType"])
+    image_type = header.get("ImageType") or ()
+    spacing_z, spacing_y, spacing_x = volume.spacing
+    return SeriesInfo(
+        modality=series.modality,
+        body_part_examined=series.body_part_examined,
+        series_description=series.series_description,
+        image_type=tuple(str(v) for v in image_type),
+        slices=int(volume.array.shape[0]),
+        pixel_spacing=(spacing_y, spacing_x),
+        spacing_between_slices=spacing_z,
+    )
+
+
 def preprocess(ctx: JobContext, engine: Engine) -> None:
-    """Each volume series, loaded with its geometry checked, then preprocessed
-    (cached under ``<data_dir>/cache/preprocessed``)."""
+    """Each volume series loaded with its geometry checked (a bad one fails
+    the job with the reason), the models that apply to it chosen, and their
+    inputs preprocessed (cached under ``<data_dir>/cache/preprocessed``, so
+    models sharing a spec, and re-runs, share the work)."""
     cache = PreprocessCache(ctx.settings.data_dir / "cache" / "preprocessed")
+    models = registry(ctx.settings)
     for series in ctx.series:
-        array = cache.get_or_compute(
-            lambda s=series: load_series(s.paths),  # type: ignore[misc]
-            series.series_instance_uid,
-            series.sop_instance_uids,
-            DEFAULT_SPEC,
-        )
-        ctx.volumes[series.series_instance_uid] = tuple(array.shape)
+        volume = load_series(series.paths)
+        ctx.volumes[series.series_instance_uid] = volume
+        selected = models.select(_series_info(series, volume))
+        ctx.models[series.series_instance_uid] = selected
+        gates = [g for m in selected if (g := models.gate_for(m)) is not None]
+        for model in [*selected, *gates]:
+            spec = model.manifest.input.preprocess
+            key = (series.series_instance_uid, spec.cache_key())
+            if key not in ctx.inputs:
+                ctx.inputs[key] = cache.get_or_compute(
+                    lambda v=volume: v,  # type: ignore[misc]  # already loaded
+                    series.series_instance_uid,
+                    series.sop_instance_uids,
+                    spec,
+                )
+
+
+def infer(ctx: JobContext, engine: Engine) -> None:
+    """The selected models on each series (workers.infer)."""
+    models = registry(ctx.settings)
+    for series in ctx.series:
+        uid = series.series_instance_uid
+
+        def input_for(spec: PreprocessSpec, uid: str = uid) -> np.ndarray:
+            return ctx.inputs[(uid, spec.cache_key())]
+
+        ctx.results += infer_series(models, ctx.models[uid], ctx.volumes[uid], input_for)
+
+
+def _write_mask(path: Path, masks: dict[int, np.ndarray]) -> None:
+    """Masks as one compressed .npz (key ``segment_<n>``), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            arrays: dict[str, Any] = {f"segment_{n}": m for n, m in masks.items()}
+            np.savez_compressed(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def persist(ctx: JobContext, engine: Engine) -> None:
+    """Masks to ``<data_dir>/results``, then every model's rows in one
+    transaction, replacing an earlier run's (db.results)."""
+    series_pk = {s.series_instance_uid: s.series_pk for s in ctx.series}
+    for result in ctx.results:
+        if result.masks:
+            relative = (
+                f"{ctx.study_instance_uid}/{result.series_instance_uid}/"
+                f"{result.model.name}-{result.model.version}.npz"
+            )
+            _write_mask(ctx.settings.data_dir / "results" / relative, result.masks)
+            result.segments = [replace(s, mask_path=relative) for s in result.segments]
+    with engine.begin() as conn:
+        for result in ctx.results:
+            replace_results(
+                conn,
+                job_id=ctx.job_id,
+                study_pk=ctx.study_pk,
+                series_pk=series_pk[result.series_instance_uid],
+                model=result.model,
+                findings=result.findings,
+                segments=result.segments,
+            )
 
 
 Stage = Callable[[JobContext, Engine], None]
 STAGES: list[tuple[str, Stage]] = [
     ("load", load),
     ("preprocess", preprocess),
+    ("infer", infer),
+    ("persist", persist),
 ]
 
 
@@ -123,11 +235,12 @@ def run(job_id: int, engine: Engine, settings: Settings) -> JobContext:
         stage(ctx, engine)
         ctx.timings[name] = time.perf_counter() - started
     log.info(
-        "job %d study %s: %d volume series, %d other series skipped, stages %s",
+        "job %d study %s: %d volume series, %d other series skipped, %d model result(s), stages %s",
         job_id,
         ctx.study_instance_uid,
         len(ctx.series),
         len(ctx.skipped),
+        len(ctx.results),
         " ".join(f"{k}={v:.2f}s" for k, v in ctx.timings.items()),
     )
     return ctx

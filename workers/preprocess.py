@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 import scipy.ndimage as ndi  # type: ignore[import-untyped]  # no scipy-stubs in dev deps yet
@@ -183,12 +183,21 @@ def restore(array: np.ndarray, volume: Volume, spec: PreprocessSpec, order: int 
             f"series {volume.series_instance_uid}: output shape {array.shape} is not "
             f"the preprocessed shape {plan.shape}"
         )
-    # Source index i lies at output coordinate (i - offset) / scale.
+    # Source index i lies at output coordinate (i - offset) / scale. Within
+    # half an output voxel of the grid the nearest edge value holds (the
+    # output voxel covers it); beyond, the model did not see it: 0.
     out = np.zeros(volume.array.shape, dtype=np.float32)
     ndi.affine_transform(
         np.asarray(array, dtype=np.float32), 1.0 / plan.scale, -plan.offset / plan.scale,
-        output=out, order=order, mode="constant", cval=0.0,
+        output=out, order=order, mode="nearest",
     )  # fmt: skip
+    for axis, (n_in, n_out) in enumerate(zip(volume.array.shape, plan.shape, strict=True)):
+        coord = (np.arange(n_in) - plan.offset[axis]) / plan.scale[axis]
+        outside = (coord < -0.5) | (coord > n_out - 0.5)
+        if outside.any():
+            index: list[Any] = [slice(None)] * 3
+            index[axis] = outside
+            out[tuple(index)] = 0.0
     return out
 
 

@@ -1,0 +1,175 @@
+"""Model inference on one series: the infer stage of :mod:`workers.pipeline`.
+
+For each model the registry selects for a series, the series' volume is
+preprocessed as the model's manifest asks (cached, so models sharing a spec
+share the work), the model runs in batches, and its output becomes result
+records: a finding per output (coded concept, probability, present or not)
+and, for segmentation models, a segment per output with its mask mapped back
+onto the source voxels and measured there. A model with a gate is checked
+first by its autoencoder: a reconstruction error above the gate's learned
+threshold marks every result of that model on the series as out of
+distribution (e.g. an MR series that a CT model's rules let through).
+
+TensorFlow is imported here lazily (the first job of a worker process), never
+by the SCP or the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from db.results import Code, FindingRecord, ModelIdentity, SegmentRecord
+from models.manifest import ModelManifest, Output
+from models.registry import RegisteredModel, Registry
+from workers.preprocess import PreprocessSpec, restore
+from workers.volume import Volume
+
+log = logging.getLogger(__name__)
+
+# Produces a model's input: the series' volume preprocessed by this spec.
+InputFor = Callable[[PreprocessSpec], np.ndarray]
+
+
+@dataclass
+class ModelResult:
+    """What one model found on one series."""
+
+    series_instance_uid: str
+    model: ModelIdentity
+    findings: list[FindingRecord] = field(default_factory=list)
+    segments: list[SegmentRecord] = field(default_factory=list)
+    # segment number → boolean mask on the source series' voxel grid (z, y, x)
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def identity(model: RegisteredModel) -> ModelIdentity:
+    m = model.manifest
+    return ModelIdentity(m.name, m.version, m.weights.sha256, m.task)
+
+
+def _code(output: Output) -> Code:
+    c = output.concept
+    return Code(c.scheme_designator, c.value, c.meaning)
+
+
+def _load(model: RegisteredModel) -> object:
+    from models.runtime import load_model
+
+    m = model.manifest
+    architecture = m.architecture
+    return load_model(
+        model.weights_path,
+        architecture=architecture.name if architecture else None,
+        params=architecture.params if architecture else None,
+        sha256=m.weights.sha256,
+    )
+
+
+def gate_score(gate: RegisteredModel, input_for: InputFor) -> tuple[bool, float]:
+    """(out of distribution?, reconstruction error) of the gate on this series."""
+    from models.runtime import LoadedModel, reconstruction_error
+
+    loaded = _load(gate)
+    assert isinstance(loaded, LoadedModel)
+    m = gate.manifest
+    error = reconstruction_error(
+        loaded, input_for(m.input.preprocess), batch_size=m.input.batch_size
+    )
+    threshold = m.thresholds.ood_reconstruction_error
+    assert threshold is not None  # the manifest requires it for anomaly models
+    return error > threshold, error
+
+
+def run_model(
+    model: RegisteredModel,
+    volume: Volume,
+    input_for: InputFor,
+    gate: tuple[bool, float] | None,
+) -> ModelResult:
+    """Run ``model`` on the series whose source volume is ``volume``."""
+    from models import runtime
+
+    m: ModelManifest = model.manifest
+    loaded = _load(model)
+    assert isinstance(loaded, runtime.LoadedModel)
+    ood, ood_score = gate if gate is not None else (False, None)
+    result = ModelResult(volume.series_instance_uid, identity(model))
+    spec = m.input.preprocess
+    x = input_for(spec)
+    batch = m.input.batch_size
+    if m.task in ("classification", "sequence"):
+        if m.task == "classification":
+            probability = float(np.max(runtime.classify_slices(loaded, x, batch_size=batch)))
+        else:
+            probability = runtime.classify_sequence(loaded, x)
+        for output in m.outputs:
+            threshold = output.threshold or m.thresholds.positive
+            result.findings.append(
+                FindingRecord(_code(output), probability, probability >= threshold, ood, ood_score)
+            )
+    elif m.task == "segmentation":
+        probabilities = runtime.segment_volume(loaded, x, batch_size=batch)
+        on_source = restore(probabilities, volume, spec)
+        voxel_mm3 = float(np.prod(volume.spacing))
+        for number, output in enumerate(m.outputs, start=1):
+            threshold = output.threshold or m.thresholds.mask
+            mask = on_source >= threshold
+            count = int(mask.sum())
+            peak = float(probabilities.max()) if probabilities.size else 0.0
+            result.findings.append(FindingRecord(_code(output), peak, count > 0, ood, ood_score))
+            if count == 0:
+                continue
+            nz = np.nonzero(mask)
+            lo = [int(a.min()) for a in nz]
+            hi = [int(a.max()) + 1 for a in nz]
+            result.masks[number] = mask
+            result.segments.append(
+                SegmentRecord(
+                    segment_number=number,
+                    code=_code(output),
+                    voxel_count=count,
+                    volume_mm3=count * voxel_mm3,
+                    bbox=(lo[0], lo[1], lo[2], hi[0], hi[1], hi[2]),
+                    mean_intensity=float(volume.array[mask].mean()),
+                    ood=ood,
+                    mask_path="",  # set when the mask is written (persist stage)
+                )
+            )
+    else:
+        # Anomaly models run as gates of others; fusion models are study-level.
+        return result
+    log.info(
+        "series %s model %s@%s: %s%s",
+        volume.series_instance_uid,
+        m.name,
+        m.version,
+        ", ".join(f"{f.code.meaning} p={f.probability:.3f}" for f in result.findings),
+        " (out of distribution)" if ood else "",
+    )
+    return result
+
+
+def infer_series(
+    registry: Registry,
+    models: list[RegisteredModel],
+    volume: Volume,
+    input_for: InputFor,
+) -> list[ModelResult]:
+    """Every selected model on one series; each gate runs once."""
+    gates: dict[str, tuple[bool, float]] = {}
+    results = []
+    for model in models:
+        if model.manifest.task in ("anomaly", "fusion"):
+            continue
+        gate = registry.gate_for(model)
+        verdict = None
+        if gate is not None:
+            if gate.key not in gates:
+                gates[gate.key] = gate_score(gate, input_for)
+            verdict = gates[gate.key]
+        results.append(run_model(model, volume, input_for, verdict))
+    return results
