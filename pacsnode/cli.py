@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
@@ -13,6 +14,9 @@ from rich.table import Table
 
 from pacsnode.errors import ConfigError
 from pacsnode.settings import Settings, load_settings
+
+if TYPE_CHECKING:  # the phantom generator imports numpy and scipy: only when used
+    from models.phantom import Study, StudySpec
 
 app = typer.Typer(
     help="pacsnode: an AI node beside your PACS. Not a medical device; bundled "
@@ -24,6 +28,11 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+demo_app = typer.Typer(
+    help="Synthetic phantom studies (CT, PET, MR): for testing and demonstration only.",
+    no_args_is_help=True,
+)
+app.add_typer(demo_app, name="demo")
 
 out = Console()
 err = Console(stderr=True)
@@ -161,6 +170,107 @@ def config_show(
         print(json.dumps(data, indent=2))
     else:
         print(yaml.safe_dump(data, sort_keys=False), end="")
+
+
+def _demo_spec(
+    modalities: str, seed: int, slices: int, size: int, lesions: int | None
+) -> StudySpec:
+    from models.phantom import StudySpec
+
+    chosen = tuple(dict.fromkeys(m.strip().upper() for m in modalities.split(",") if m.strip()))
+    try:
+        return StudySpec(seed=seed, modalities=chosen, slices=slices, size=size, lesions=lesions)
+    except ValueError as exc:
+        err.print(f"[red]pacsnode demo: {exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _demo_summary(study: Study) -> str:
+    counts = ", ".join(f"{key} {image.grid.shape[0]}" for key, image in study.series.items())
+    return (
+        f"phantom study {study.header.study_instance_uid} (synthetic, for testing and "
+        f"demonstration only): {counts} instances, {len(study.lesions)} lesion(s)"
+    )
+
+
+_Modalities = Annotated[str, typer.Option(help="comma-separated: ct, pt, mr")]
+_Seed = Annotated[int, typer.Option(min=0, help="same seed, same pixels and UIDs")]
+_Slices = Annotated[int, typer.Option(min=1, max=2000, help="CT slices")]
+_Size = Annotated[int, typer.Option(min=16, max=2048, help="CT rows and columns")]
+_Lesions = Annotated[
+    int | None,
+    typer.Option(min=0, max=50, help="lesions; 0: a normal study (default: 1 to 5, from the seed)"),
+]
+
+
+@demo_app.command("send")
+def demo_send(
+    target: Annotated[str, typer.Argument(help="AE@HOST:PORT of the receiving node")],
+    modalities: _Modalities = "ct,pt,mr",
+    seed: _Seed = 0,
+    slices: _Slices = 200,
+    size: _Size = 512,
+    lesions: _Lesions = None,
+    calling_ae: Annotated[str, typer.Option(help="our AE title")] = "PACSNODE_DEMO",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the peer")] = 30.0,
+) -> None:
+    """Generate a synthetic phantom study and C-STORE it (testing and demonstration only)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from models.phantom import generate_study, study_datasets
+    from models.phantom.send import SendError, send_datasets
+    from scp.echo import parse_target
+
+    try:
+        ae_title, host, port = parse_target(target)
+    except ValueError as exc:
+        err.print(f"[red]pacsnode demo send: {exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    study = generate_study(_demo_spec(modalities, seed, slices, size, lesions))
+    out.print(_demo_summary(study), highlight=False)
+    columns = (TextColumn("C-STORE"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=out) as progress:
+        task = progress.add_task("send", total=study.instance_count)
+        try:
+            result = send_datasets(
+                study_datasets(study), study.sop_classes(), ae_title, host, port, calling_ae,
+                progress=lambda n: progress.advance(task, n), timeout=timeout,
+            )  # fmt: skip
+        except SendError as exc:
+            err.print(f"[red]C-STORE {target}: {exc}[/red]", highlight=False)
+            raise typer.Exit(1) from None
+    out.print(
+        f"C-STORE {target}: {result.stored} stored, {len(result.failed)} failed", highlight=False
+    )
+    for uid, status in result.failed[:10]:
+        out.print(f"  failed: instance {uid}: {status}", highlight=False)
+    if len(result.failed) > 10:
+        out.print(f"  ... and {len(result.failed) - 10} more", highlight=False)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@demo_app.command("write")
+def demo_write(
+    folder: Annotated[Path, typer.Argument(help="folder for the series and the ground truth")],
+    modalities: _Modalities = "ct,pt,mr",
+    seed: _Seed = 0,
+    slices: _Slices = 200,
+    size: _Size = 512,
+    lesions: _Lesions = None,
+) -> None:
+    """Write a synthetic phantom study and its ground truth (testing and demonstration only)."""
+    from models.phantom import generate_study, write_study
+
+    study = generate_study(_demo_spec(modalities, seed, slices, size, lesions))
+    written = write_study(folder, study)
+    out.print(_demo_summary(study), highlight=False)
+    files = sum(len(paths) for paths in written.series.values())
+    out.print(
+        f"wrote {files} DICOM files to {folder}; ground truth in {written.truth.name} "
+        f"and {written.masks.name}",
+        highlight=False,
+    )
 
 
 def main() -> None:
