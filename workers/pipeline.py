@@ -225,12 +225,26 @@ STAGES: list[tuple[str, Stage]] = [
     ("infer", infer),
     ("persist", persist),
 ]
+ALL_STAGES = tuple(name for name, _ in STAGES)
+# The cpu queue's part (workers.tasks.run_job). The gpu queue's task runs all
+# stages: its load and preprocess read the preprocess cache the cpu part wrote.
+CPU_STAGES = ("load", "preprocess")
 
 
-def run(job_id: int, engine: Engine, settings: Settings) -> JobContext:
-    """Run every stage of job ``job_id``; exceptions propagate to the task."""
+def needs_models(ctx: JobContext) -> bool:
+    """Whether any model applies to the job's series (else it is done)."""
+    return any(ctx.models.values())
+
+
+def run(
+    job_id: int, engine: Engine, settings: Settings, stages: tuple[str, ...] = ALL_STAGES
+) -> JobContext:
+    """Run ``stages`` of job ``job_id`` in pipeline order; exceptions
+    propagate to the task."""
     ctx = JobContext(job_id=job_id, study_instance_uid="", settings=settings)
     for name, stage in STAGES:
+        if name not in stages:
+            continue
         started = time.perf_counter()
         stage(ctx, engine)
         ctx.timings[name] = time.perf_counter() - started

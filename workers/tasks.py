@@ -1,6 +1,8 @@
 """Celery tasks: thin wrappers that take job ids and call plain functions.
 
-``run_job`` runs :mod:`workers.pipeline` for one job. Transient errors
+``run_job`` (cpu queue) runs the job's load and preprocess stages of
+:mod:`workers.pipeline`, then hands the job to ``infer_job`` (gpu queue) when
+a model applies to it; ``infer_job`` runs the rest. Transient errors
 (database or broker unavailable, I/O) are retried with backoff and jitter,
 a bounded number of times; anything else fails the job with its reason.
 """
@@ -12,6 +14,7 @@ import random
 from functools import cache
 
 from celery import Task
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -19,7 +22,7 @@ from db.session import create_db_engine
 from pacsnode.errors import PacsnodeError
 from pacsnode.settings import Settings, load_settings
 from workers import jobstate, pipeline
-from workers.celery_app import make_app
+from workers.celery_app import GPU_QUEUE, make_app
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def is_transient(exc: BaseException) -> bool:
     """The one retry decision: worth trying again later?"""
     if isinstance(exc, PacsnodeError):
         return False  # bad geometry, undecodable pixels: retrying cannot help
-    if isinstance(exc, OperationalError | ConnectionError | TimeoutError):
+    if isinstance(exc, OperationalError | KombuOperationalError | ConnectionError | TimeoutError):
         return True
     if isinstance(exc, DBAPIError):
         return bool(exc.connection_invalidated)
@@ -56,21 +59,50 @@ def _settings() -> Settings:
     return settings
 
 
-@app.task(bind=True, name="pacsnode.run_job", max_retries=MAX_RETRIES)
-def run_job(self: Task, job_id: int) -> None:
+def _run_stages(task: Task, job_id: int, stages: tuple[str, ...]) -> pipeline.JobContext | None:
+    """Run ``stages`` of the job; on error retry (transient) or fail the job.
+    Returns the context, or None when the job failed."""
     engine = _engine()
-    with engine.begin() as conn:
-        jobstate.mark_running(conn, job_id)
     try:
-        pipeline.run(job_id, engine, _settings())
+        return pipeline.run(job_id, engine, _settings(), stages)
     except Exception as exc:
-        if is_transient(exc) and self.request.retries < MAX_RETRIES:
+        if is_transient(exc) and task.request.retries < MAX_RETRIES:
             log.warning("job %d: transient %s, retrying", job_id, type(exc).__name__)
-            raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+            raise task.retry(exc=exc, countdown=retry_delay(task.request.retries)) from exc
         reason = str(exc) if isinstance(exc, PacsnodeError) else type(exc).__name__
         log.error("job %d failed: %s", job_id, reason)
         with engine.begin() as conn:
             jobstate.mark_failed(conn, job_id, reason)
+        return None
+
+
+@app.task(bind=True, name="pacsnode.run_job", max_retries=MAX_RETRIES)
+def run_job(self: Task, job_id: int) -> None:
+    """cpu queue: load and preprocess; then the models' part goes to the gpu
+    queue, or the job is done when no model applies."""
+    engine = _engine()
+    with engine.begin() as conn:
+        jobstate.mark_running(conn, job_id)
+    ctx = _run_stages(self, job_id, pipeline.CPU_STAGES)
+    if ctx is None:
+        return
+    if pipeline.needs_models(ctx):
+        try:
+            infer_job.apply_async(args=[job_id], queue=GPU_QUEUE)
+        except Exception as exc:  # broker unreachable: try the whole task again
+            if self.request.retries < MAX_RETRIES:
+                raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+            raise
         return
     with engine.begin() as conn:
+        jobstate.mark_succeeded(conn, job_id)
+
+
+@app.task(bind=True, name="pacsnode.infer_job", max_retries=MAX_RETRIES)
+def infer_job(self: Task, job_id: int) -> None:
+    """gpu queue: every stage; load and preprocess mostly read what the cpu
+    task cached (data_dir is shared by the node's workers)."""
+    if _run_stages(self, job_id, pipeline.ALL_STAGES) is None:
+        return
+    with _engine().begin() as conn:
         jobstate.mark_succeeded(conn, job_id)
