@@ -273,5 +273,125 @@ def demo_write(
     )
 
 
+# --- bundled models: training and held-out evaluation ------------------------
+
+
+def _model_names(model: str, known: list[str]) -> list[str]:
+    if model == "all":
+        return known
+    if model not in known:
+        err.print(
+            f"[red]pacsnode: no model {model!r} (known: {', '.join(known)}, all)[/red]",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    return [model]
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.{digits}f}"  # NaN: not applicable
+    return str(value)
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help="a bundled model's name, or 'all'")],
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="training steps (default: the recipe's)")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="initialisation, order, augmentation")] = 0,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="models folder to write <model>/ into (default: models_dir)"),
+    ] = None,
+    tiny: Annotated[bool, typer.Option(hidden=True, help="tiny data and networks (tests)")] = False,
+) -> None:
+    """Train a bundled model on synthetic phantoms (for demonstration, not clinical use).
+
+    Writes <out>/<model>/: the weights, manifest.yaml with their SHA-256, and
+    training.json. Seeded: the same seed and steps give the same model up to
+    floating-point rounding.
+    """
+    from models.recipes import FULL, RECIPES, TINY, train_model
+
+    names = _model_names(model, list(RECIPES))
+    folder = out_dir if out_dir is not None else _settings().models_dir
+    for name in names:
+        written = train_model(
+            name, folder, steps=steps, seed=seed, scale=TINY if tiny else FULL, progress=True
+        )
+        out.print(
+            f"{name}: wrote {written.weights} ({written.weights_bytes / 1e6:.2f} MB, "
+            f"sha256 {written.sha256[:12]}...) and {written.manifest.name} in "
+            f"{written.seconds:.0f} s",
+            highlight=False,
+        )
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="an installed model's name, or 'all'")],
+    studies: Annotated[
+        int, typer.Option(min=2, max=2000, help="held-out CT studies, half with lesions")
+    ] = 40,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="folder for <model>/report.json, roc.png, pr.png")
+    ] = Path("evaluation"),
+    check: Annotated[bool, typer.Option(help="exit 1 when a model misses its target")] = False,
+) -> None:
+    """Evaluate installed models on held-out synthetic phantoms, in inference mode."""
+    from models.heldout import evaluate as run_evaluation
+    from models.registry import Registry
+    from pacsnode.errors import ModelConfigError
+
+    settings = _settings()
+    try:
+        registry = Registry.load(settings.models_dir, settings.disabled_models)
+    except ModelConfigError as exc:
+        err.print(f"[red]pacsnode evaluate: {exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    installed = sorted({m.manifest.name for m in registry.models})
+    names = _model_names(model, installed)
+    if not names:
+        err.print(f"[red]pacsnode evaluate: no models in {settings.models_dir}[/red]")
+        raise typer.Exit(2)
+    results = run_evaluation(registry, names, studies=studies, out_dir=out_dir)
+    table = Table(title=f"Held-out phantoms ({studies} CT studies; inference mode)")
+    columns = (
+        "Model", "Task", "N", "Sens.", "Spec.", "Prec.", "Recall", "F1", "ROC AUC",
+        "Dice", "HD95 mm", "MR det.", "Noise det.", "False al.", "Target met",
+    )  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("Model", "Task") else "right")
+    for r in results:
+        m = r.metrics
+        n = m.get("n", m.get("lesion_cases", m.get("normal")))
+        table.add_row(
+            r.model, r.task, _fmt(n),
+            *(_fmt(m.get(k)) for k in ("sensitivity", "specificity", "precision", "recall", "f1")),
+            _fmt(m.get("roc_auc")), _fmt(m.get("mean_dice")), _fmt(m.get("mean_hd95_mm"), 1),
+            _fmt(m.get("mr_as_ct_detection_rate")), _fmt(m.get("noise_detection_rate")),
+            _fmt(m.get("false_alarm_rate")), _fmt(m.get("target_met")),
+        )  # fmt: skip
+    Console(width=max(out.width, 150)).print(table)  # wide enough when piped
+    out.print(
+        f"Reports in {out_dir}/<model>/. Synthetic data; the models are for demonstration, "
+        "not clinical use.",
+        highlight=False,
+    )
+    summary = {r.model: {"task": r.task, **r.metrics} for r in results}
+    from models.evaluation import _jsonable
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    if check and not all(r.metrics.get("target_met") for r in results):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
