@@ -10,8 +10,6 @@ DICOM-SEG/SR encoding and export join ``STAGES`` as they land.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,7 +27,7 @@ from models.manifest import SeriesInfo
 from models.registry import RegisteredModel, Registry
 from pacsnode.settings import Settings
 from workers.infer import ModelResult, infer_series
-from workers.preprocess import PreprocessCache, PreprocessSpec
+from workers.preprocess import PreprocessCache, PreprocessSpec, write_atomically
 from workers.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
@@ -179,18 +177,8 @@ def infer(ctx: JobContext, engine: Engine) -> None:
 
 def _write_mask(path: Path, masks: dict[int, np.ndarray]) -> None:
     """Masks as one compressed .npz (key ``segment_<n>``), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            arrays: dict[str, Any] = {f"segment_{n}": m for n, m in masks.items()}
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    arrays: dict[str, Any] = {f"segment_{n}": m for n, m in masks.items()}
+    write_atomically(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 
 def persist(ctx: JobContext, engine: Engine) -> None:
