@@ -174,7 +174,22 @@ class Job(Base):
     error: Mapped[str] = mapped_column(String(1024), default="")
 
 
-class Finding(Base):
+class _ModelResult:
+    """Columns every model result row has: which job, series and model
+    version produced it, and its coded concept."""
+
+    job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(32))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    code_scheme: Mapped[str] = mapped_column(String(16))
+    code_value: Mapped[str] = mapped_column(String(64))
+    code_meaning: Mapped[str] = mapped_column(String(64))
+
+
+class Finding(_ModelResult, Base):
     """One coded finding of one model on one series: a classification label
     with its probability, and whether the out-of-distribution gate flagged the
     input. A re-run of the same model version on the series replaces its rows
@@ -186,16 +201,7 @@ class Finding(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
-    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
-    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    model_name: Mapped[str] = mapped_column(String(64), index=True)
-    model_version: Mapped[str] = mapped_column(String(32))
-    weights_sha256: Mapped[str] = mapped_column(String(64))
     task: Mapped[str] = mapped_column(String(16))
-    code_scheme: Mapped[str] = mapped_column(String(16))
-    code_value: Mapped[str] = mapped_column(String(64))
-    code_meaning: Mapped[str] = mapped_column(String(64))
     probability: Mapped[float] = mapped_column(Float)
     positive: Mapped[bool] = mapped_column(Boolean)
     ood: Mapped[bool] = mapped_column(Boolean)
@@ -203,7 +209,7 @@ class Finding(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-class Segment(Base):
+class Segment(_ModelResult, Base):
     """One segment of one segmentation model on one series, with its
     measurements; the mask itself is a file under ``<data_dir>/results``
     (relative path), read back to encode DICOM-SEG."""
@@ -214,16 +220,7 @@ class Segment(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
-    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
-    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    model_name: Mapped[str] = mapped_column(String(64), index=True)
-    model_version: Mapped[str] = mapped_column(String(32))
-    weights_sha256: Mapped[str] = mapped_column(String(64))
     segment_number: Mapped[int] = mapped_column(Integer)
-    code_scheme: Mapped[str] = mapped_column(String(16))
-    code_value: Mapped[str] = mapped_column(String(64))
-    code_meaning: Mapped[str] = mapped_column(String(64))
     voxel_count: Mapped[int] = mapped_column(BigInteger)
     volume_mm3: Mapped[float] = mapped_column(Float)
     # Bounding box in voxel indices of the source series, half-open [lo, hi).

@@ -208,19 +208,20 @@ def gate_rates(
 # --- model-level evaluation (runs TensorFlow through models.runtime) --------
 
 
+def _binary_evaluation(
+    model: LoadedModel, task: str, labels: np.ndarray, scores: np.ndarray, threshold: float
+) -> Evaluation:
+    metrics = binary_metrics(labels, scores, threshold=threshold)
+    return Evaluation(model.name, task, metrics, labels=np.asarray(labels), scores=scores)
+
+
 def evaluate_slice_classifier(
     model: LoadedModel, slices: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5
 ) -> Evaluation:
     from models import runtime
 
     scores = runtime.classify_slices(model, slices)
-    return Evaluation(
-        model.name,
-        "classification",
-        binary_metrics(labels, scores, threshold=threshold),
-        labels=np.asarray(labels),
-        scores=scores,
-    )
+    return _binary_evaluation(model, "classification", labels, scores, threshold)
 
 
 def evaluate_sequence_classifier(
@@ -233,13 +234,7 @@ def evaluate_sequence_classifier(
     from models import runtime
 
     scores = runtime.classify_sequences(model, volumes)
-    return Evaluation(
-        model.name,
-        "sequence",
-        binary_metrics(labels, scores, threshold=threshold),
-        labels=np.asarray(labels),
-        scores=scores,
-    )
+    return _binary_evaluation(model, "sequence", labels, scores, threshold)
 
 
 def evaluate_segmenter(
