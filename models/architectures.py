@@ -53,12 +53,19 @@ def _conv_block(x: Any, filters: int, name: str) -> Any:
     return _conv_bn_relu(x, filters, f"{name}b")
 
 
-def _slice_features(
+def _feature_maps(
     x: Any, *, base_filters: int, depth: int, name: str
-) -> Any:  # (B, H, W, 1) -> (B, F)
+) -> Any:  # (B, H, W, 1) -> (B, H / 2**depth, W / 2**depth, F)
     for level in range(depth):
         x = _conv_block(x, base_filters * 2**level, f"{name}_block{level}")
         x = layers.MaxPooling2D(2, name=f"{name}_pool{level}")(x)
+    return x
+
+
+def _slice_features(
+    x: Any, *, base_filters: int, depth: int, name: str
+) -> Any:  # (B, H, W, 1) -> (B, F)
+    x = _feature_maps(x, base_filters=base_filters, depth=depth, name=name)
     return layers.GlobalAveragePooling2D(name=f"{name}_gap")(x)
 
 
@@ -68,17 +75,33 @@ def build_slice_classifier(
     base_filters: int = 16,
     depth: int = 4,
     dropout: float = 0.2,
+    pooling: str = "avg",
     name: str = "slice_classifier",
 ) -> keras.Model:
     """A 2D CNN lesion classifier: ``(B, H, W, 1)`` → ``(B, 1)`` probabilities.
 
-    ``input_size`` fixes H = W; ``None`` accepts any size (global average
-    pooling makes the network size-agnostic), which also suits 2D patches.
+    ``input_size`` fixes H = W; ``None`` accepts any size (global pooling
+    makes the network size-agnostic), which also suits 2D patches.
+
+    ``pooling="avg"`` averages the last feature maps and classifies the
+    average. ``pooling="max"`` classifies every cell of the last feature map
+    (a 1 x 1 convolution gives a map of logits) and keeps the largest: a
+    slice is as positive as its most suspicious region, so a model trained
+    on patches gives the same evidence for a lesion on a whole slice, however
+    large the slice is.
     """
+    if pooling not in ("avg", "max"):
+        raise ValueError(f"pooling must be 'avg' or 'max', not {pooling!r}")
     inputs = keras.Input((input_size, input_size, 1), name="slices")
-    x = _slice_features(inputs, base_filters=base_filters, depth=depth, name="features")
-    x = layers.Dropout(dropout, name="dropout")(x)
-    x = layers.Dense(1, name="logit")(x)
+    if pooling == "max":
+        x = _feature_maps(inputs, base_filters=base_filters, depth=depth, name="features")
+        x = layers.SpatialDropout2D(dropout, name="dropout")(x)
+        x = layers.Conv2D(1, 1, name="logit_map")(x)
+        x = layers.GlobalMaxPooling2D(name="logit")(x)
+    else:
+        x = _slice_features(inputs, base_filters=base_filters, depth=depth, name="features")
+        x = layers.Dropout(dropout, name="dropout")(x)
+        x = layers.Dense(1, name="logit")(x)
     outputs = layers.Activation("sigmoid", dtype="float32", name="probability")(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -134,6 +157,7 @@ def build_sequence_classifier(
     features: int = 64,
     rnn_units: int = 32,
     dropout: float = 0.2,
+    pooling: str = "avg",
     name: str = "sequence_classifier",
 ) -> keras.Model:
     """A study classifier: ``(B, T, S, S, 1)`` → ``(B, 1)``, T free.
@@ -143,13 +167,71 @@ def build_sequence_classifier(
     weighs more than a single bright slice. Volumes of different slice counts
     share a batch when padded with all-zero slices (:func:`pad_volumes`);
     :class:`SliceMask` hides the padding from the GRU.
+
+    ``pooling="max"`` matches a ``pooling="max"`` slice classifier: each
+    slice's features are the maximum and the mean of its feature maps, plus
+    the slice classifier's own logit (its ``logit_map`` layer), so the encoder
+    and logit of a trained slice classifier can be copied in and frozen.
     """
+    if pooling not in ("avg", "max"):
+        raise ValueError(f"pooling must be 'avg' or 'max', not {pooling!r}")
     inputs = keras.Input((None, slice_size, slice_size, 1), name="volume")
     mask = SliceMask(name="slice_mask")(inputs)
     x = FoldSlices(name="fold_slices")(inputs)
-    x = _slice_features(x, base_filters=base_filters, depth=depth, name="features")
-    x = layers.Dense(features, activation="relu", name="features_dense")(x)
+    if pooling == "max":
+        maps = _feature_maps(x, base_filters=base_filters, depth=depth, name="features")
+        pooled = layers.Concatenate(name="features_pooled")(
+            [
+                layers.GlobalMaxPooling2D(name="features_gmp")(maps),
+                layers.GlobalAveragePooling2D(name="features_gap")(maps),
+            ]
+        )
+        dense = layers.Dense(features, activation="relu", name="features_dense")(pooled)
+        logit = layers.GlobalMaxPooling2D(name="slice_logit")(
+            layers.Conv2D(1, 1, name="logit_map")(maps)
+        )
+        x = layers.Concatenate(name="slice_features")([dense, logit])
+    else:
+        x = _slice_features(x, base_filters=base_filters, depth=depth, name="features")
+        x = layers.Dense(features, activation="relu", name="features_dense")(x)
     x = UnfoldSlices(name="unfold_slices")([x, inputs])
+    x = layers.Bidirectional(layers.GRU(rnn_units, name="gru"), name="bigru")(x, mask=mask)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    x = layers.Dense(1, name="logit")(x)
+    outputs = layers.Activation("sigmoid", dtype="float32", name="probability")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+@keras.saving.register_keras_serializable(package="pacsnode")
+class FeatureMask(keras.layers.Layer):
+    """``(B, T, F)`` → ``(B, T)`` boolean: True where a slice's features are not all zero."""
+
+    def call(self, x: Any) -> Any:
+        return ops.any(ops.not_equal(x, 0.0), axis=-1)
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return tuple(input_shape[:2])
+
+
+def build_sequence_head(
+    pooled_features: int,
+    *,
+    features: int = 64,
+    rnn_units: int = 32,
+    dropout: float = 0.2,
+    name: str = "sequence_head",
+) -> keras.Model:
+    """The trainable part of a ``pooling="max"`` sequence classifier, on
+    features its frozen encoder computed once: ``(B, T, pooled_features + 1)``
+    (each slice's pooled feature maps, then its slice logit; padding slices
+    all zero) → ``(B, 1)``. Its layers carry the names of the full model's,
+    so trained weights copy across by name (:func:`build_sequence_classifier`)."""
+    inputs = keras.Input((None, pooled_features + 1), name="slice_features")
+    mask = FeatureMask(name="slice_mask")(inputs)
+    pooled = layers.Lambda(lambda t: t[..., :pooled_features], name="pooled")(inputs)
+    logit = layers.Lambda(lambda t: t[..., pooled_features:], name="slice_logit")(inputs)
+    dense = layers.Dense(features, activation="relu", name="features_dense")(pooled)
+    x = layers.Concatenate(name="slice_features_concat")([dense, logit])
     x = layers.Bidirectional(layers.GRU(rnn_units, name="gru"), name="bigru")(x, mask=mask)
     x = layers.Dropout(dropout, name="dropout")(x)
     x = layers.Dense(1, name="logit")(x)
@@ -242,6 +324,10 @@ def spatial_multiple(architecture: str, params: Mapping[str, Any] | None = None)
     if architecture in ("unet", "autoencoder"):
         depth = int((params or {}).get("depth", 3))
         return int(2**depth)
+    if architecture == "slice_classifier":
+        # Each pooling level halves the slice: smaller slices (a small field
+        # of view) would pool to nothing.
+        return int(2 ** int((params or {}).get("depth", 4)))
     return 1
 
 

@@ -240,9 +240,20 @@ def balanced_slices(data: SliceSet, min_voxels: int) -> Sampler:
     return sample
 
 
-def lesion_patches(data: SliceSet, patch: int, lesion_fraction: float = 0.6) -> Sampler:
+def lesion_patches(
+    data: SliceSet,
+    patch: int,
+    lesion_fraction: float = 0.6,
+    body_fraction: float = 0.0,
+    hard: np.ndarray | None = None,
+    hard_fraction: float = 0.0,
+) -> Sampler:
     """``patch`` x ``patch`` crops with their masks: a ``lesion_fraction`` share
-    around a random lesion voxel (off centre), the rest anywhere."""
+    around a random lesion voxel (off centre), the rest anywhere; of those, a
+    ``body_fraction`` share is centred on a random voxel inside the body
+    (above air after windowing), where the look-alikes of lesions are, and a
+    ``hard_fraction`` share around one of the ``hard`` voxels (rows of slice
+    index, y, x: e.g. where a first model found a lesion that is not there)."""
     assert data.masks is not None
     masks = data.masks
     lesion_slices = np.flatnonzero(data.counts > 0)
@@ -259,9 +270,18 @@ def lesion_patches(data: SliceSet, patch: int, lesion_fraction: float = 0.6) -> 
                 j = int(rng.integers(len(rows)))
                 jitter = rng.integers(-patch // 3, patch // 3 + 1, size=2)
                 cy, cx = rows[j] + jitter[0], cols[j] + jitter[1]
+            elif hard is not None and len(hard) and rng.random() < hard_fraction:
+                s, cy, cx = (int(v) for v in hard[rng.integers(len(hard))])
+                jitter = rng.integers(-patch // 3, patch // 3 + 1, size=2)
+                cy, cx = cy + jitter[0], cx + jitter[1]
             else:
                 s = int(rng.integers(len(data.x)))
                 cy, cx = rng.integers(0, size, size=2)
+                if body_fraction and rng.random() < body_fraction:
+                    rows, cols = np.nonzero(data.x[s] > 0)
+                    if len(rows):
+                        j = int(rng.integers(len(rows)))
+                        cy, cx = rows[j], cols[j]
             y0 = int(np.clip(cy - patch // 2, 0, size - patch))
             x0 = int(np.clip(cx - patch // 2, 0, size - patch))
             xs[i] = data.x[s, y0 : y0 + patch, x0 : x0 + patch]
@@ -272,13 +292,23 @@ def lesion_patches(data: SliceSet, patch: int, lesion_fraction: float = 0.6) -> 
 
 
 def labelled_patches(data: SliceSet, patch: int, min_voxels: int) -> Sampler:
-    """Patches as :func:`lesion_patches` draws them (half around a lesion),
-    labelled 1 when at least ``min_voxels`` lesion voxels lie in the patch."""
-    inner = lesion_patches(data, patch, lesion_fraction=0.5)
+    """Patches as :func:`lesion_patches` draws them (40 % around a lesion,
+    most of the others inside the body), labelled 1 when at least
+    ``min_voxels`` lesion voxels lie in the patch and 0 when none does;
+    patches with a sliver of lesion (fewer voxels) are drawn again, their
+    label would be a coin toss."""
+    inner = lesion_patches(data, patch, lesion_fraction=0.4, body_fraction=0.7)
 
     def sample(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        x, masks = inner(rng, n)
-        return x, (masks.reshape(n, -1).sum(axis=1) >= min_voxels).astype(np.float32)
+        xs, ys, have = [], [], 0
+        while have < n:
+            x, masks = inner(rng, n)
+            counts = masks.reshape(n, -1).sum(axis=1)
+            keep = (counts == 0) | (counts >= min_voxels)
+            xs.append(x[keep])
+            ys.append((counts[keep] >= min_voxels).astype(np.float32))
+            have += int(keep.sum())
+        return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
 
     return sample
 

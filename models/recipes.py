@@ -7,26 +7,27 @@ demonstration, not clinical use. One recipe per model:
   its threshold is :func:`models.training.fit_gate_threshold` of the
   reconstruction errors of its training volumes. Gate of the three others.
 - ``ct-lesion-classifier`` (classification, slice_classifier): lesion
-  presence, trained on 128² patches (half around a lesion; positive with at
-  least 22.5 mm² of lesion in the patch), run on whole slices (global average
-  pooling); the node scores a study by the maximum over its slices, and the
-  study threshold is fitted on whole validation studies.
+  presence, trained on 64² patches (40 % around a lesion, most others inside
+  the body; positive with at least 22.5 mm² of lesion in the patch,
+  negative with none), run on whole slices (a max-pooled map of logits); the
+  node scores a study by the maximum over its slices, and the study
+  threshold is fitted on whole validation studies.
 - ``ct-lesion-segmenter`` (segmentation, unet): 64² patches with their
-  masks (a third around a lesion), Dice + cross-entropy loss.
+  masks (a third around a lesion, most others inside the body), Dice +
+  cross-entropy loss; a second round adds patches around the first round's
+  false positives on whole training volumes (hard negatives).
 - ``ct-lesion-sequence`` (sequence, sequence_classifier): a per-slice encoder
-  is first trained as a patch classifier on the sequence model's own grid,
-  then frozen, and the bidirectional GRU learns the study label from the
-  whole slice sequence.
+  is first trained as the slice classifier is, then frozen (with its logit
+  map), and the bidirectional GRU learns the study label from the whole
+  slice sequence.
 
 Input specs. The classifier, the segmenter and the gate share
 :func:`ct_spec` (4 mm slices, 1.5 mm pixels, window 40/400 HU), so the node
 preprocesses a series once for the three: a 200 x 512² CT at 0.78 mm / 2 mm
-becomes 100 x 267², on which all four models together run in about 5 s on
-two cores (the U-Net about 2.5 s). 1.5 mm keeps the smallest lesions (5 mm)
-a few pixels wide; 4 mm slices still cut every lesion at least once. The
-sequence model reads 100 x 128² slices (3 mm pixels, 384 mm field of view),
-:func:`sequence_spec`: its training step sees whole studies, so its slices
-are smaller.
+becomes 100 x 267². 1.5 mm keeps the smallest lesions (5 mm) a few pixels
+wide; 4 mm slices still cut every lesion at least once. The sequence model
+reads the same grid cut to a fixed 100 x 256² (384 mm field of view),
+:func:`sequence_spec`.
 
 Reproducible: data seeds are fixed (:mod:`models.recipe_data`), the training
 seed fixes initialisation, order and augmentation. Weights are written to
@@ -77,19 +78,16 @@ class Scale:
     slice_mm: float = 4.0
     size: int = 256  # training slices, pixels (384 mm)
     slices: int = 100  # 400 mm
-    seq_pixel_mm: float = 3.0
-    seq_size: int = 128
+    seq_size: int = 256
     train_studies: int = 48
     seq_train_studies: int = 96
     gate_train_studies: int = 32
     val_studies: int = 16
     patch: int = 64  # U-Net training patches
-    classifier_patch: int = 128
-    seq_patch: int = 64
+    classifier_patch: int = 64
     base_filters: int = 16  # U-Net and autoencoder
     classifier_filters: int = 8
-    classifier_depth: int = 6
-    seq_depth: int = 5
+    classifier_depth: int = 4
     steps: float = 1.0  # multiplies every recipe's default step count
 
     @property
@@ -99,10 +97,9 @@ class Scale:
 
 FULL = Scale()
 TINY = Scale(
-    pixel_mm=8.0, slice_mm=16.0, size=48, slices=25, seq_pixel_mm=16.0, seq_size=24,
+    pixel_mm=8.0, slice_mm=16.0, size=48, slices=25, seq_size=48,
     train_studies=6, seq_train_studies=6, gate_train_studies=3, val_studies=4, patch=32,
-    classifier_patch=32, seq_patch=16,
-    base_filters=4, classifier_filters=4, classifier_depth=2, seq_depth=2, steps=0.02,
+    classifier_patch=32, base_filters=4, classifier_filters=4, classifier_depth=2, steps=0.02,
 )  # fmt: skip
 
 
@@ -116,11 +113,12 @@ def ct_spec(scale: Scale = FULL) -> PreprocessSpec:
 
 
 def sequence_spec(scale: Scale = FULL) -> PreprocessSpec:
-    """The sequence model's spec: fixed 128² slices (it needs a fixed slice
-    size) over 384 mm, and 100 slices over 400 mm, centred; missing slices
-    are padded with air, which the model masks out."""
+    """The sequence model's spec: the classifier's grid cut to fixed 256²
+    slices (it needs a fixed slice size) over 384 mm, and 100 slices over
+    400 mm, centred; missing slices are padded with air, which the model
+    masks out."""
     return PreprocessSpec(
-        target_spacing=(scale.slice_mm, scale.seq_pixel_mm, scale.seq_pixel_mm),
+        target_spacing=(scale.slice_mm, scale.pixel_mm, scale.pixel_mm),
         target_shape=(scale.slices, scale.seq_size, scale.seq_size),
         normalise="window",
         window=WINDOW,
@@ -226,6 +224,18 @@ def _val_studies(scale: Scale, progress: bool) -> list[Any]:
     )  # fmt: skip
 
 
+def _lesion_slice_sets(
+    scale: Scale, spec: PreprocessSpec, studies: int, size: int, progress: bool
+) -> tuple[data.SliceSet, data.SliceSet]:
+    """Training (``studies`` phantoms, three in four with lesions) and
+    validation slices with their lesion masks, preprocessed by ``spec``."""
+    train_set = data.ct_slices(
+        _train_studies(scale, studies, progress), spec, size=size, keep_masks=True
+    )
+    val_set = data.ct_slices(_val_studies(scale, progress), spec, size=size, keep_masks=True)
+    return train_set, val_set
+
+
 def fit_positive_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     """The study threshold with the largest Youden index (sensitivity +
     specificity - 1) on validation scores, midway between neighbouring scores."""
@@ -304,15 +314,17 @@ def _train_gate(scale: Scale, seed: int, steps: int, progress: bool) -> Trained:
 # --- the slice classifier ----------------------------------------------------------
 
 
-def _classifier_params(scale: Scale, depth: int | None = None) -> dict[str, Any]:
-    # Six levels of max pooling: a 256² slice ends as 4 x 4 cells, so a small
-    # lesion's response survives the max pools and is averaged with only 15
-    # other cells (with four levels, 255), which is what lets one label per
-    # slice teach the network within a few hundred steps.
+def _classifier_params(scale: Scale) -> dict[str, Any]:
+    # Max pooling of a map of logits: each cell of the last feature map (16 x
+    # 16 px, 24 mm, with a receptive field of about 90 mm) is classified and
+    # the slice is as positive as its most suspicious cell. Trained on 64²
+    # patches, the same cells give the same evidence on a whole slice; with
+    # global average pooling a small lesion was diluted by the slice's size.
     return {
         "base_filters": scale.classifier_filters,
-        "depth": depth or scale.classifier_depth,
+        "depth": scale.classifier_depth,
         "dropout": 0.2,
+        "pooling": "max",
     }
 
 
@@ -336,7 +348,7 @@ def _slice_classifier(
 ) -> Any:  # fmt: skip
     """A slice classifier trained on ``patch``² crops, half of them around a
     lesion: one label per whole slice taught it too slowly (a small lesion
-    barely moves a global average over a slice). Global average pooling
+    barely moves a global average over a slice). Its max-pooled logit map
     makes it run on whole slices; the study threshold is fitted there."""
     from models import training
 
@@ -353,14 +365,10 @@ def _train_classifier(scale: Scale, seed: int, steps: int, progress: bool) -> Tr
     from models import runtime
 
     spec = ct_spec(scale)
-    train_set = data.ct_slices(
-        _train_studies(scale, scale.train_studies, progress), spec, size=scale.size,
-        keep_masks=True,
-    )  # fmt: skip
-    val_set = data.ct_slices(_val_studies(scale, progress), spec, size=scale.size, keep_masks=True)
+    train_set, val_set = _lesion_slice_sets(scale, spec, scale.train_studies, scale.size, progress)
     result = _slice_classifier(
         _classifier_params(scale), train_set, val_set, scale.pixel_mm, scale.classifier_patch,
-        16, seed, steps, progress, "ct-lesion-classifier",
+        32, seed, steps, progress, "ct-lesion-classifier",
     )  # fmt: skip
     threshold, info = _study_threshold(runtime.LoadedModel(result.model), val_set)
     return Trained(result.model, {"positive": threshold}, _history(result) | info)
@@ -373,27 +381,59 @@ def _unet_params(scale: Scale) -> dict[str, Any]:
     return {"base_filters": scale.base_filters, "depth": 3}
 
 
+def _false_positives(model: Any, data_set: data.SliceSet, multiple: int) -> np.ndarray:
+    """Voxels (slice index, y, x) where ``model`` marks lesion and none is:
+    at most 500 per study, so every study's look-alikes are represented."""
+    from models import runtime
+
+    assert data_set.masks is not None
+    loaded = runtime.LoadedModel(model, spatial_multiple=multiple)
+    rng = np.random.default_rng(0)
+    found = []
+    for i in range(data_set.studies):
+        index = np.flatnonzero(data_set.study == i)
+        p = runtime.segment_volume(loaded, data_set.x[index].astype(np.float32))
+        z, y, x = np.nonzero((p >= 0.5) & ~data_set.masks[index])
+        keep = rng.permutation(len(z))[:500]
+        found.append(np.stack([index[z[keep]], y[keep], x[keep]], axis=1))
+    return np.concatenate(found) if found else np.zeros((0, 3), np.int64)
+
+
 def _train_segmenter(scale: Scale, seed: int, steps: int, progress: bool) -> Trained:
-    from models import training
+    """Two rounds: patches as :func:`models.recipe_data.lesion_patches` draws
+    them; then, from the first model's false positives on the whole training
+    volumes (hard negatives: kidney poles, vessels, organ edges that look like
+    lesions on one slice), a share of patches centred on them. Patch Dice was
+    0.97 after one round while whole volumes still had confident false
+    positives in every normal study: a volume has thousands of patch positions
+    and random patches meet its rare look-alikes too seldom."""
+    from models import architectures, training
 
     spec = ct_spec(scale)
-    train_set = data.ct_slices(
-        _train_studies(scale, scale.train_studies, progress), spec, size=scale.size,
-        keep_masks=True,
-    )  # fmt: skip
-    val_set = data.ct_slices(_val_studies(scale, progress), spec, size=scale.size, keep_masks=True)
+    train_set, val_set = _lesion_slice_sets(scale, spec, scale.train_studies, scale.size, progress)
     batch = 32
-    result = training.train_unet(
-        # Two patches in three without lesion: whole volumes are mostly
-        # lesion-free, and every false positive voxel there is a finding.
-        data.lesion_patches(train_set, scale.patch, lesion_fraction=0.35),
-        validation=data.draw(
-            data.lesion_patches(val_set, scale.patch, lesion_fraction=0.35), seed, 8, batch
-        ),
-        config=_config(steps, 12, batch, seed, progress, "ct-lesion-segmenter"),
-        params=_unet_params(scale),
+    params = _unet_params(scale)
+    kw: dict[str, Any] = {"lesion_fraction": 0.35, "body_fraction": 0.8}
+    validation = data.draw(data.lesion_patches(val_set, scale.patch, **kw), seed, 8, batch)
+    first_steps = max(1, round(steps * 0.6))
+    first = training.train_unet(
+        data.lesion_patches(train_set, scale.patch, **kw),
+        validation=validation,
+        config=_config(first_steps, 8, batch, seed, progress, "ct-lesion-segmenter"),
+        params=params,
     )
-    return Trained(result.model, {"mask": 0.5}, _history(result))
+    hard = _false_positives(first.model, train_set, architectures.spatial_multiple("unet", params))
+    second = training.train_unet(
+        data.lesion_patches(train_set, scale.patch, **kw, hard=hard, hard_fraction=0.5),
+        validation=validation,
+        config=_config(
+            max(1, steps - first_steps), 6, batch, seed + 1, progress,
+            "ct-lesion-segmenter (hard negatives)", learning_rate=3e-4,
+        ),
+        model=first.model,
+    )  # fmt: skip
+    info = _history(second) | {"first_round": _history(first), "hard_negatives": len(hard)}
+    return Trained(second.model, {"mask": 0.5}, info)
 
 
 # --- the sequence classifier -------------------------------------------------------
@@ -403,55 +443,91 @@ def _sequence_params(scale: Scale) -> dict[str, Any]:
     return {
         "slice_size": scale.seq_size,
         "base_filters": scale.classifier_filters,
-        "depth": scale.seq_depth,
-        "features": 64,
+        "depth": scale.classifier_depth,
+        "features": 32,
         "rnn_units": 32,
         "dropout": 0.2,
+        "pooling": "max",
     }
 
 
+def _frozen_features(classifier: Any, depth: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A volume ``(T, S, S)`` → ``(T, 2F + 1)``: per slice, the max and mean of
+    a max-pooling slice classifier's last feature maps and its slice logit, as
+    the sequence model's frozen part computes them; all-zero (padding) slices
+    give all-zero rows, as the sequence model masks them."""
+    from models.tf_env import keras
+
+    maps = classifier.get_layer(f"features_pool{depth - 1}").output
+    pooled = keras.layers.Concatenate()(
+        [keras.layers.GlobalMaxPooling2D()(maps), keras.layers.GlobalAveragePooling2D()(maps)]
+    )
+    logit = keras.layers.GlobalMaxPooling2D()(classifier.get_layer("logit_map").output)
+    extractor = keras.Model(classifier.inputs, keras.layers.Concatenate()([pooled, logit]))
+
+    def extract(volume: np.ndarray) -> np.ndarray:
+        x = np.asarray(volume, np.float32)[..., np.newaxis]
+        out = np.asarray(extractor.predict(x, batch_size=16, verbose=0), np.float32)
+        out[np.abs(x).reshape(len(x), -1).max(axis=1) == 0] = 0.0
+        return out
+
+    return extract
+
+
 def _train_sequence(scale: Scale, seed: int, steps: int, progress: bool) -> Trained:
-    from models import architectures, evaluation, runtime, training
+    from models import architectures, evaluation, runtime
     from models.tf_env import keras
 
     spec = sequence_spec(scale)
-    slices = data.ct_slices(
-        _train_studies(scale, scale.seq_train_studies, progress), spec, size=scale.seq_size,
-        keep_masks=True,
-    )  # fmt: skip
-    val_slices = data.ct_slices(
-        _val_studies(scale, progress), spec, size=scale.seq_size, keep_masks=True
+    slices, val_slices = _lesion_slice_sets(
+        scale, spec, scale.seq_train_studies, scale.seq_size, progress
     )
-    # Stage 1: the per-slice encoder, trained as a slice classifier on this grid.
+    # Stage 1: the per-slice encoder, trained as the slice classifier is.
     encoder = _slice_classifier(
-        _classifier_params(scale, scale.seq_depth), slices, val_slices, scale.seq_pixel_mm,
-        scale.seq_patch, 32, seed, round(steps * 2), progress, "ct-lesion-sequence encoder",
+        _classifier_params(scale), slices, val_slices, scale.pixel_mm,
+        scale.classifier_patch, 32, seed, steps * 25, progress, "ct-lesion-sequence encoder",
     )  # fmt: skip
-    # Stage 2: that encoder, frozen, under a bidirectional GRU over the slices.
+    # Stage 2: that encoder and its logit map, frozen, under a bidirectional
+    # GRU over the slices. The frozen part runs once per study; the GRU head
+    # trains on its features (layers named as in the full model), then its
+    # weights are copied into the full model.
     keras.utils.set_random_seed(seed)
-    model = architectures.build_sequence_classifier(**_sequence_params(scale))
+    params = _sequence_params(scale)
+    model = architectures.build_sequence_classifier(**params)
     for layer in model.layers:
-        if layer.name.startswith("features_block"):
+        if layer.name.startswith("features_block") or layer.name == "logit_map":
             source = encoder.model.get_layer(layer.name)
             layer.set_weights([v.numpy() for v in source.weights])
             layer.trainable = False
     volumes = [slices.x[slices.study == i] for i in range(slices.studies)]
     val_volumes = [val_slices.study_slices(i) for i in range(val_slices.studies)]
-    result = training.train_sequence_classifier(
-        data.balanced_volumes(volumes, slices.study_labels),
-        validation=(val_volumes, val_slices.study_labels),
-        config=_config(steps, 10, 4, seed, progress, "ct-lesion-sequence"),
-        model=model,
-    )
-    scores = runtime.classify_sequences(runtime.LoadedModel(result.model), val_volumes)
+    extract = _frozen_features(encoder.model, scale.classifier_depth)
+    train_x = np.stack([extract(v) for v in volumes])
+    val_x = np.stack([extract(v) for v in val_volumes])
+    head = architectures.build_sequence_head(
+        train_x.shape[-1] - 1, features=params["features"], rnn_units=params["rnn_units"],
+        dropout=params["dropout"],
+    )  # fmt: skip
+    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    stop = keras.callbacks.EarlyStopping(patience=15, restore_best_weights=True)
+    fitted = head.fit(
+        train_x, slices.study_labels, batch_size=8, epochs=max(1, steps), shuffle=True,
+        validation_data=(val_x, val_slices.study_labels), callbacks=[stop], verbose=0,
+    )  # fmt: skip
+    for name in ("features_dense", "bigru", "logit"):
+        model.get_layer(name).set_weights(head.get_layer(name).get_weights())
+    scores = runtime.classify_sequences(runtime.LoadedModel(model), val_volumes)
     threshold = fit_positive_threshold(val_slices.study_labels, scores)
-    info = _history(result) | {
+    history = {k: [float(v) for v in vs] for k, vs in fitted.history.items()}
+    info = {
+        "history": history,
+        "best_epoch": int(np.argmin(history["val_loss"])),
         "encoder": _history(encoder),
         "validation_studies": evaluation.binary_metrics(
             val_slices.study_labels, scores, threshold=threshold
         ),
     }
-    return Trained(result.model, {"positive": threshold}, info)
+    return Trained(model, {"positive": threshold}, info)
 
 
 # --- the recipes -------------------------------------------------------------------
@@ -477,7 +553,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "ct-lesion-segmenter", "segmentation",
             "2D U-Net segmenting lesions slice by slice into a 3D mask.",
-            "unet", _unet_params, ct_spec, _shared_shape, 8, 600, _train_segmenter,
+            "unet", _unet_params, ct_spec, _shared_shape, 8, 2000, _train_segmenter,
             [{"name": "lesion", "concept": LESION,
               "segment": {"category": ALTERED, "type": LESION}}],
         ),
@@ -485,14 +561,14 @@ RECIPES: dict[str, Recipe] = {
             "ct-lesion-classifier", "classification",
             "2D CNN giving a lesion probability per CT slice; the study's probability is the "
             "maximum over its slices.",
-            "slice_classifier", _classifier_params, ct_spec, _shared_shape, 16, 400,
+            "slice_classifier", _classifier_params, ct_spec, _shared_shape, 16, 3000,
             _train_classifier, [{"name": "lesion", "concept": LESION}],
         ),
         Recipe(
             "ct-lesion-sequence", "sequence",
             "Study-level lesion classifier: a per-slice CNN encoder and a bidirectional GRU "
             "over the CT slices.",
-            "sequence_classifier", _sequence_params, sequence_spec, _sequence_shape, 4, 150,
+            "sequence_classifier", _sequence_params, sequence_spec, _sequence_shape, 4, 120,
             _train_sequence, [{"name": "lesion", "concept": LESION}],
         ),
     )

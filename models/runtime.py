@@ -239,7 +239,9 @@ def classify_slices(
 ) -> np.ndarray:
     """Lesion probability per slice (or patch): ``(N, H, W)`` → ``(N,)``."""
     x = _as_slices(slices, model.name)
-    probabilities = model.predict(x, batch_size=batch_size)
+    probabilities = model.predict(
+        _pad_to_multiple(x, model.spatial_multiple), batch_size=batch_size
+    )
     return probabilities.reshape(x.shape[0], -1)[:, 0] if len(x) else np.zeros(0, np.float32)
 
 
