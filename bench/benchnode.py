@@ -17,15 +17,27 @@ from db.session import create_db_engine
 
 
 def start_node(
-    tmp: Path, broker_url: str, debounce: float, extra_env: dict[str, str] | None = None
+    tmp: Path,
+    broker_url: str,
+    debounce: float,
+    extra_env: dict[str, str] | None = None,
+    extra_config: str = "",
 ) -> tuple[subprocess.Popen[str], int]:
     """``pacsnode serve`` on a free port with its data under ``tmp``; its log
-    goes to ``tmp/pacsnode.log``. Returns the process and the DICOM port."""
+    goes to ``tmp/pacsnode.log``. ``extra_config`` is YAML appended to the
+    configuration (more settings; its ``peers`` replace STORESCU's).
+    Returns the process and the DICOM port."""
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "pacsnode.yaml"
+    peers = (
+        ""
+        if "peers:" in extra_config
+        else ("peers:\n  - ae_title: STORESCU\n    hosts: [127.0.0.1]\n")
+    )
     config.write_text(
-        "peers:\n  - ae_title: STORESCU\n    hosts: [127.0.0.1]\n"
-        f"completion: {{debounce_s: {debounce}, quiet_period_s: 30, max_wait_s: 900}}\n"
+        peers
+        + f"completion: {{debounce_s: {debounce}, quiet_period_s: 30, max_wait_s: 900}}\n"
+        + extra_config
     )
     env = {
         **os.environ,

@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -234,3 +235,49 @@ class Segment(_ModelResult, Base):
     ood: Mapped[bool] = mapped_column(Boolean)
     mask_path: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Export(Base):
+    """One output object owed to one destination (DESIGN §2.4).
+
+    Written by the pipeline's export stage, one row per (instance, destination
+    name); sent by the ``export_due`` task (:mod:`scp.export`). The row is the
+    export's whole state: a failure stays here, visible and re-triggerable
+    (``pacsnode exports``), until the object is sent or the deadline passes.
+    The destination's AE title, host and port are copied at enqueue time, so
+    the row shows where it is really going even after the configuration
+    changes (``pacsnode exports retry`` refreshes them).
+
+    pending → sending (claimed by a worker) → sent, or → retrying (backoff)
+    → sending … → failed (deadline passed); failed or retrying → pending by
+    ``retry``. See :mod:`db.exports`, the only writer.
+    """
+
+    __tablename__ = "export"
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "destination"),
+        Index("ix_export_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
+    job_pk: Mapped[int | None] = mapped_column(ForeignKey("job.id"), nullable=True, index=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    # pending | sending | retrying | sent | failed
+    state: Mapped[str] = mapped_column(String(16))
+    # Sends tried so far: counted when a worker claims the row.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # When the row is due; NULL once it is sent or failed.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # When a worker claimed it (the claim's token and its lease start).
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    deadline_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Short, and never patient data (no peer-supplied Error Comment).
+    last_error: Mapped[str] = mapped_column(String(256), default="")
+    # DIMSE status of the last C-STORE response (PS3.4 B.2.3), if one came.
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)

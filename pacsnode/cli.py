@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -33,6 +34,11 @@ demo_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(demo_app, name="demo")
+exports_app = typer.Typer(
+    help="Results owed to destinations (C-STORE exports). Without a command: list them, "
+    "newest first; `retry` re-queues failed ones."
+)
+app.add_typer(exports_app, name="exports")
 
 out = Console()
 err = Console(stderr=True)
@@ -147,6 +153,88 @@ def studies(
             row.last_received_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
     out.print(table)
+
+
+def _check_state(state: str | None, allowed: tuple[str, ...]) -> None:
+    if state is not None and state not in allowed:
+        err.print(
+            f"[red]pacsnode exports: unknown state {state!r} (one of {', '.join(allowed)})[/red]",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+
+
+def _when(value: datetime | None) -> str:
+    from db.exports import utc
+
+    return "-" if value is None else utc(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@exports_app.callback(invoke_without_command=True)
+def exports_list(
+    ctx: typer.Context,
+    state: Annotated[str | None, typer.Option(help="pending|sending|retrying|sent|failed")] = None,
+    destination: Annotated[str | None, typer.Option(help="destination name")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+) -> None:
+    """List exports, newest first (one row per output object and destination)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from db.exports import STATES, counts, list_exports
+    from db.session import create_db_engine
+
+    _check_state(state, STATES)
+    engine = create_db_engine(_settings().effective_database_url)
+    with engine.connect() as conn:
+        rows = list_exports(conn, state=state, destination=destination, limit=limit)
+        totals = counts(conn)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row.as_json()))
+        return
+    summary = ", ".join(f"{totals.get(s, 0)} {s}" for s in STATES if totals.get(s))
+    table = Table(title=f"Exports ({len(rows)} shown; {summary or 'none'})")
+    for column in (
+        "ID", "SOP Instance UID", "Destination", "Address", "State", "Tries",
+        "Next try (UTC)", "Deadline (UTC)", "Sent (UTC)", "Last error",
+    ):  # fmt: skip
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row.id), row.sop_instance_uid, row.destination,
+            f"{row.ae_title}@{row.host}:{row.port}", row.state, str(row.attempts),
+            _when(row.next_attempt_at), _when(row.deadline_at), _when(row.sent_at),
+            row.last_error + (f" [0x{row.last_status:04X}]" if row.last_status else ""),
+        )  # fmt: skip
+    Console(width=max(out.width, 160)).print(table)
+
+
+@exports_app.command("retry")
+def exports_retry(
+    ids: Annotated[list[int] | None, typer.Option("--id", help="export id (repeatable)")] = None,
+    state: Annotated[str, typer.Option(help="failed, or retrying to try at once")] = "failed",
+    destination: Annotated[str | None, typer.Option(help="destination name")] = None,
+) -> None:
+    """Re-queue exports (failed ones by default) with a new deadline; a worker sends them soon."""
+    from db.exports import RETRYABLE_STATES, known_destinations, retry_exports
+    from db.session import create_db_engine
+
+    _check_state(state, RETRYABLE_STATES)
+    settings = _settings()
+    now = datetime.now(UTC)
+    engine = create_db_engine(settings.effective_database_url)
+    with engine.begin() as conn:
+        count = retry_exports(
+            conn,
+            now=now,
+            deadline=now + timedelta(seconds=settings.exports.deadline_s),
+            ids=ids or None,
+            state=state,
+            destination=destination,
+            refresh=known_destinations(settings),
+        )
+    out.print(f"re-queued {count} export(s)", highlight=False)
 
 
 @db_app.command("upgrade")

@@ -8,6 +8,12 @@ messages may have been lost with the broker or the worker, and tasks are
 idempotent. While running, jobs that have been ``running`` for longer than a
 task's hard time limit lost their worker (killed wholesale, or by the limit)
 and are published again, a bounded number of times.
+
+Exports (DESIGN §2.4) are rows too (:mod:`db.exports`): while some are due,
+the dispatcher publishes one ``export_due`` task, and another only when rows
+it has not seen become due (new, back from backoff, re-queued, or claimed by
+a lost worker), or when the last message may have been lost. A worker busy
+with a long job therefore does not collect a pile of redundant messages.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from celery import Celery
 from sqlalchemy import Engine
 
+from db import exports
 from workers import jobstate
 from workers.celery_app import CPU_QUEUE, TASK_TIME_LIMIT_S
 
@@ -32,6 +39,11 @@ RECOVERY_EVERY_S = 30
 # Runs a job gets before a lost worker or time limit fails it.
 MAX_ATTEMPTS = 3
 TASK = "pacsnode.run_job"
+EXPORT_TASK = "pacsnode.export_due"
+EXPORT_POLL_S = 0.5
+# Publish export_due again after this long even if no new row became due,
+# in case the last message was lost with the broker.
+EXPORT_REPUBLISH_S = 300
 # Give up a publish quickly when the broker is down; the next pass retries.
 PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
@@ -55,6 +67,30 @@ def dispatch_once(engine: Engine, app: Celery) -> int:
     return published
 
 
+class ExportPublisher:
+    """Publishes ``export_due`` when due export rows exist that the last
+    published message may not cover (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.seen: frozenset[tuple[object, ...]] = frozenset()
+        self.published_at = float("-inf")  # time.monotonic()
+
+    def __call__(self, engine: Engine, app: Celery, now: datetime | None = None) -> bool:
+        """One check; True if a message was published."""
+        with engine.connect() as conn:
+            due = exports.due_keys(conn, now=now or datetime.now(UTC))
+        stale = time.monotonic() - self.published_at > EXPORT_REPUBLISH_S
+        if not due or (due <= self.seen and not stale):
+            return False
+        try:
+            app.send_task(EXPORT_TASK, queue=CPU_QUEUE, retry=True, retry_policy=PUBLISH_RETRY)
+        except Exception as exc:
+            log.warning("broker unavailable (%s): %d export(s) wait", type(exc).__name__, len(due))
+            return False
+        self.seen, self.published_at = due, time.monotonic()
+        return True
+
+
 def recover_lost_jobs(engine: Engine, now: datetime | None = None) -> tuple[int, int]:
     """Jobs whose worker died wholesale (its unacknowledged message may be
     gone with it) go back to pending, or fail after ``MAX_ATTEMPTS`` runs."""
@@ -72,13 +108,17 @@ def run_dispatcher(engine: Engine, app: Celery, stop: threading.Event) -> None:
         again = jobstate.requeue_unfinished(conn)
     if again:
         log.info("publishing %d unfinished job(s) again after a restart", again)
-    next_recovery = 0.0
+    next_recovery = next_export_check = 0.0
+    publish_exports = ExportPublisher()
     while not stop.is_set():
         try:
             if time.monotonic() >= next_recovery:
                 recover_lost_jobs(engine)
                 next_recovery = time.monotonic() + RECOVERY_EVERY_S
             dispatch_once(engine, app)
+            if time.monotonic() >= next_export_check:
+                next_export_check = time.monotonic() + EXPORT_POLL_S
+                publish_exports(engine, app)
         except Exception:
             log.exception("dispatcher pass failed")
         stop.wait(POLL_S)

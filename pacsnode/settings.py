@@ -102,6 +102,10 @@ class Peer(BaseModel):
     ae_title: AETitle
     hosts: list[Host] = Field(min_length=1)
     completion: CompletionPolicy | None = None  # None: the node's default
+    # The port of the peer's own storage SCP: needed to return results to it
+    # ("@sender" in an export rule) and to move studies to it by C-MOVE. It
+    # is reached at its first host, which must then be an address or name.
+    port: int | None = Field(default=None, ge=1, le=65535)
 
     def allows(self, address: str) -> bool:
         """True if ``address`` (the TCP peer) is one of this peer's hosts."""
@@ -129,6 +133,54 @@ class Destination(BaseModel):
     port: int = Field(ge=1, le=65535)
 
 
+SENDER = "@sender"  # export rule destination: the AE that sent the study
+
+
+class ExportRule(BaseModel):
+    """Where results go: every output of the ``models`` listed (all when
+    empty) for studies sent by the ``calling_ae_titles`` listed (all when
+    empty) goes to each named destination; ``@sender`` returns it to the
+    peer that sent the study (the peer needs a ``port``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    destinations: list[str] = Field(min_length=1)
+    models: list[str] = []
+    calling_ae_titles: list[AETitle] = []
+
+    def matches(self, model: str, calling_ae_title: str) -> bool:
+        return (not self.models or model in self.models) and (
+            not self.calling_ae_titles or calling_ae_title.strip() in self.calling_ae_titles
+        )
+
+
+class ExportPolicy(BaseModel):
+    """Export of results by C-STORE (DESIGN §2.4): the rules choosing
+    destinations, and how long and how often a failed export is retried."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rules: list[ExportRule] = []
+    deadline_s: float = Field(default=86_400.0, gt=0, description="give up after this long")
+    initial_backoff_s: float = Field(default=5.0, gt=0)
+    max_backoff_s: float = Field(default=600.0, gt=0)
+    jitter: float = Field(default=0.2, ge=0, le=1, description="± fraction of each delay")
+
+
+class SegOptions(BaseModel):
+    """How DICOM-SEG objects are written."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # BINARY is read by every viewer; FRACTIONAL keeps the model's
+    # probabilities; LABELMAP needs a recent viewer (and Debian 12's dciodvfy
+    # does not know it).
+    segmentation_type: Literal["BINARY", "FRACTIONAL", "LABELMAP"] = "BINARY"
+    # Frames without any segmented pixel are left out (smaller objects);
+    # some viewers expect one frame per source image: set false for them.
+    omit_empty_frames: bool = True
+
+
 class Settings(BaseSettings):
     """Effective configuration of one pacsnode installation."""
 
@@ -145,6 +197,8 @@ class Settings(BaseSettings):
     broker_url: str = ""
     peers: list[Peer] = []
     destinations: list[Destination] = []
+    exports: ExportPolicy = ExportPolicy()
+    seg: SegOptions = SegOptions()
     completion: CompletionPolicy = CompletionPolicy()
     max_associations: int = Field(default=32, ge=1, le=1000)
     scp_processes: int = Field(default=0, ge=0, le=64, description="0 = one per CPU core")
@@ -177,6 +231,13 @@ class Settings(BaseSettings):
         aets = [p.ae_title for p in self.peers]
         if len(aets) != len(set(aets)):
             raise ValueError("peer AE titles must be unique")
+        for i, rule in enumerate(self.exports.rules):
+            for name in rule.destinations:
+                if name != SENDER and name not in names:
+                    raise ValueError(
+                        f"exports.rules.{i}: unknown destination {name!r} "
+                        f"(configured: {', '.join(names) or 'none'}; or {SENDER})"
+                    )
         return self
 
     @cached_property
@@ -193,6 +254,29 @@ class Settings(BaseSettings):
 
     def peer(self, ae_title: str) -> Peer | None:
         return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
+
+    def move_destination(self, ae_title: str) -> Destination | None:
+        """Where a C-MOVE to ``ae_title`` goes: a configured destination with
+        that AE title, else a peer with a ``port``; None if neither."""
+        title = ae_title.strip()
+        found = next((d for d in self.destinations if d.ae_title == title), None)
+        if found is not None:
+            return found
+        return self.sender_destination(title)
+
+    def sender_destination(self, calling_ae_title: str) -> Destination | None:
+        """The peer ``calling_ae_title`` as a destination (its first host and
+        ``port``), for ``@sender`` and C-MOVE; None without a port."""
+        peer = self.peer(calling_ae_title)
+        if peer is None or peer.port is None:
+            return None
+        host = peer.hosts[0].split("/")[0]
+        return Destination(
+            name=f"peer-{peer.ae_title}", ae_title=peer.ae_title, host=host, port=peer.port
+        )
 
     def completion_for(self, ae_title: str) -> CompletionPolicy:
         peer = self.peer(ae_title)

@@ -1,4 +1,5 @@
-"""The storage SCP: one listening socket served by several processes.
+"""The DICOM SCP (storage, verification, query/retrieve): one listening
+socket served by several processes.
 
 One Python process uses one core, and pynetdicom decodes PDUs in Python, so
 the node pre-forks ``scp_processes`` workers (default: one per core) that all
@@ -25,11 +26,25 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from pydicom import config as pydicom_config
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    DEFAULT_TRANSFER_SYNTAXES,
+    StoragePresentationContexts,
+    _config,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider, _QueueItem
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from db.session import create_db_engine
@@ -37,6 +52,7 @@ from pacsnode.settings import Settings
 from scp.handlers import handlers
 from scp.indexer import GroupCommitIndexer
 from scp.policy import AssociationGate
+from scp.retrieve import query_retrieve_handlers
 from scp.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -144,11 +160,29 @@ class _PreboundServer(ThreadedAssociationServer):
         return client, address
 
 
+QUERY_RETRIEVE_SOP_CLASSES = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+
 def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     for context in StoragePresentationContexts:
-        ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        # Both roles, so a peer may send (the default roles) and, proposing
+        # the SCP role by role selection (PS3.7 D.3.3.4), receive the C-STOREs
+        # of its C-GET over the same association. A peer that proposes no
+        # role selection keeps the default roles.
+        ae.add_supported_context(
+            str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, DEFAULT_TRANSFER_SYNTAXES)
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.maximum_associations = settings.max_associations
     ae.network_timeout = settings.network_timeout_s
@@ -187,6 +221,9 @@ def run_worker(
     # pynetdicom's default handlers format a log record for every PDU and
     # DIMSE message even when nobody prints them; pacsnode logs its own.
     _config.LOG_HANDLER_LEVEL = "none"
+    # Identifiers hold patient names and IDs: never let pynetdicom log them.
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
     tempfile.tempdir = str(spool.incoming)
     # Lenient in: odd values are stored as received; the checks the node
     # relies on (UIDs) are its own.
@@ -199,7 +236,7 @@ def run_worker(
         listener.getsockname()[:2],
         settings.ae_title,
         _Contexts(ae.supported_contexts),
-        evt_handlers=handlers(spool, indexer, gate),
+        evt_handlers=handlers(spool, indexer, gate) + query_retrieve_handlers(engine, settings),
         request_handler=_RequestHandler,
     )
     ae._servers.append(server)

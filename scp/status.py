@@ -1,13 +1,14 @@
 """DIMSE statuses pacsnode answers with, and the one mapping from its errors.
 
-Names and values follow PS3.4 Annex B.2.3 (Storage Service Class statuses)
-and PS3.7 Annex C (general statuses).
+Names and values follow PS3.4 Annex B.2.3 (Storage Service Class statuses),
+PS3.4 Annex C.4 (Query/Retrieve statuses) and PS3.7 Annex C (general statuses).
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
 
+from db.qr import IndexQueryError, InvalidQuery
 from pacsnode.errors import (
     IngestError,
     InvalidDataset,
@@ -55,3 +56,39 @@ CALLING_AE_NOT_RECOGNIZED = RejectReason((0x01, 0x01, 0x03))
 CALLED_AE_NOT_RECOGNIZED = RejectReason((0x01, 0x01, 0x07))
 # Transient, by the DUL service provider (presentation related).
 LOCAL_LIMIT_EXCEEDED = RejectReason((0x02, 0x03, 0x02))
+
+
+class QRStatus(IntEnum):
+    """Query/Retrieve statuses (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4).
+
+    pynetdicom sends Success, the sub-operation Warning (0xB000) and
+    Unable to perform sub-operations (0xA702) of C-MOVE/C-GET itself, from
+    the C-STORE results it tracks."""
+
+    SUCCESS = 0x0000
+    PENDING = 0xFF00
+    # C-FIND: a key the request wanted matched is not supported for matching.
+    PENDING_WARNING = 0xFF01
+    CANCEL = 0xFE00
+    SUBOPERATIONS_WITH_FAILURES = 0xB000
+    # C-FIND: Refused, Out of Resources.
+    OUT_OF_RESOURCES = 0xA700
+    # C-MOVE/C-GET: Refused, Out of Resources - unable to calculate number of matches.
+    OUT_OF_RESOURCES_MATCHES = 0xA701
+    # C-MOVE: Refused, Move Destination unknown.
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    # Error, Identifier does not match SOP Class.
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    # Failed, Unable to process (an unexpected error in pacsnode).
+    UNABLE_TO_PROCESS = 0xC000
+
+
+def qr_failure_status(exc: BaseException, *, retrieve: bool) -> QRStatus:
+    """The status a C-FIND (or, with ``retrieve``, a C-MOVE/C-GET) answers
+    when matching raised ``exc``."""
+    if isinstance(exc, InvalidQuery):
+        return QRStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    if isinstance(exc, IndexQueryError | OSError):
+        # The index cannot be read now: the peer may retry later.
+        return QRStatus.OUT_OF_RESOURCES_MATCHES if retrieve else QRStatus.OUT_OF_RESOURCES
+    return QRStatus.UNABLE_TO_PROCESS

@@ -3,8 +3,7 @@
     load → preprocess → infer → fuse → persist → encode → export
 
 Each stage is a plain function of the job context, run in order by
-:func:`run`. This release has load, preprocess, infer and persist; fusion,
-DICOM-SEG/SR encoding and export join ``STAGES`` as they land.
+:func:`run`. Fusion (study-level models) joins ``STAGES`` when it lands.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,15 @@ import numpy as np
 import pydicom
 from sqlalchemy import Engine, select
 
+from db.exports import destinations_for, enqueue_exports
 from db.models import Instance, Job, Series, Study
 from db.results import replace_results
 from models.manifest import SeriesInfo
 from models.registry import RegisteredModel, Registry
-from pacsnode.settings import Settings
+from pacsnode.settings import Destination, Settings
+from workers.encode import encode_job, read_source
 from workers.infer import ModelResult, infer_series
+from workers.outputs import OutputObject, store_outputs
 from workers.preprocess import PreprocessCache, PreprocessSpec, write_atomically
 from workers.volume import Volume, load_series
 
@@ -66,6 +69,7 @@ class JobContext:
     models: dict[str, list[RegisteredModel]] = field(default_factory=dict)
     inputs: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     results: list[ModelResult] = field(default_factory=list)
+    outputs: list[OutputObject] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -173,6 +177,8 @@ def infer(ctx: JobContext, engine: Engine) -> None:
             return ctx.inputs[(uid, spec.cache_key())]
 
         ctx.results += infer_series(models, ctx.models[uid], ctx.volumes[uid], input_for)
+    if ctx.results:
+        ctx.timings["forward"] = sum(r.forward_s for r in ctx.results)
 
 
 def _write_mask(path: Path, masks: dict[int, np.ndarray]) -> None:
@@ -206,12 +212,81 @@ def persist(ctx: JobContext, engine: Engine) -> None:
             )
 
 
+def encode(ctx: JobContext, engine: Engine) -> None:
+    """A DICOM-SEG per segmentation result and one TID 1500 SR per job
+    (workers.encode), written into the spool and indexed as instances of the
+    study (workers.outputs); ``ctx.outputs`` lists them for export."""
+    used = {r.series_instance_uid for r in ctx.results}
+    sources = {
+        s.series_instance_uid: read_source(s.paths, ctx.volumes[s.series_instance_uid])
+        for s in ctx.series
+        if s.series_instance_uid in used
+    }
+    manifests = {
+        (m.manifest.name, m.manifest.version): m.manifest for m in registry(ctx.settings).models
+    }
+    objects = encode_job(
+        ctx.study_instance_uid,
+        ctx.job_id,
+        ctx.results,
+        manifests,
+        sources,
+        ctx.settings.seg,
+        ctx.settings.ae_title,
+    )
+    ctx.outputs = store_outputs(objects, engine, ctx.settings)
+
+
+def export(ctx: JobContext, engine: Engine) -> None:
+    """Each output object queued for its destinations (db.exports: rules per
+    model and calling AE, ``@sender``), one transaction for the job; then a
+    worker is asked to send them now. Sending happens in the ``export_due``
+    task, so a destination that is down delays delivery and never the job."""
+    if not ctx.outputs:
+        return
+    with engine.connect() as conn:
+        senders = dict(
+            conn.execute(
+                select(Series.series_instance_uid, Series.calling_ae_title).where(
+                    Series.study_pk == ctx.study_pk
+                )
+            ).all()
+        )
+    study_sender = next((senders[s.series_instance_uid] for s in ctx.series), "")
+    now = datetime.now(UTC)
+    deadline = now + timedelta(seconds=ctx.settings.exports.deadline_s)
+    queued = 0
+    with engine.begin() as conn:
+        for output in ctx.outputs:
+            sender = senders.get(output.source_series_instance_uid, study_sender)
+            chosen: dict[str, Destination] = {}
+            for name in output.model_names or (output.model_name,):
+                for dest in destinations_for(ctx.settings, name, sender):
+                    chosen.setdefault(dest.name, dest)
+            queued += len(
+                enqueue_exports(
+                    conn,
+                    job_id=ctx.job_id,
+                    instance_pks=[output.instance_pk],
+                    destinations=list(chosen.values()),
+                    now=now,
+                    deadline=deadline,
+                )
+            )
+    if queued:
+        from workers.tasks import publish_export_due  # the task module imports this one
+
+        publish_export_due()
+
+
 Stage = Callable[[JobContext, Engine], None]
 STAGES: list[tuple[str, Stage]] = [
     ("load", load),
     ("preprocess", preprocess),
     ("infer", infer),
     ("persist", persist),
+    ("encode", encode),
+    ("export", export),
 ]
 ALL_STAGES = tuple(name for name, _ in STAGES)
 # The cpu queue's part (workers.tasks.run_job). The gpu queue's task runs all

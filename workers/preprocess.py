@@ -173,24 +173,36 @@ def preprocess(volume: Volume, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
-def restore(array: np.ndarray, volume: Volume, spec: PreprocessSpec, order: int = 1) -> np.ndarray:
+def restore(
+    array: np.ndarray, volume: Volume, spec: PreprocessSpec, order: int = 1, floor: float = 0.0
+) -> np.ndarray:
     """Map a model output on the grid of :func:`preprocess` (e.g. lesion
     probabilities) back onto the source volume's voxels; outside the model's
-    field of view (cropped away) the result is 0."""
+    field of view (cropped away) the result is 0.
+
+    With ``floor`` > 0 (and linear interpolation), each source slice is
+    interpolated only in the box around output values above ``floor``; the
+    rest, which could only get values up to ``floor``, is 0. For a lesion
+    map, mapping a 200 x 512² series back then takes a fraction of the time.
+    """
     plan = _plan(volume.array.shape, volume.spacing, spec)
     if array.shape != plan.shape:
         raise PreprocessError(
             f"series {volume.series_instance_uid}: output shape {array.shape} is not "
             f"the preprocessed shape {plan.shape}"
         )
+    array = np.asarray(array, dtype=np.float32)
+    out = np.zeros(volume.array.shape, dtype=np.float32)
     # Source index i lies at output coordinate (i - offset) / scale. Within
     # half an output voxel of the grid the nearest edge value holds (the
     # output voxel covers it); beyond, the model did not see it: 0.
-    out = np.zeros(volume.array.shape, dtype=np.float32)
-    ndi.affine_transform(
-        np.asarray(array, dtype=np.float32), 1.0 / plan.scale, -plan.offset / plan.scale,
-        output=out, order=order, mode="nearest",
-    )  # fmt: skip
+    if floor > 0 and order == 1:
+        _restore_boxes(array, out, plan, floor)
+    else:
+        ndi.affine_transform(
+            array, 1.0 / plan.scale, -plan.offset / plan.scale,
+            output=out, order=order, mode="nearest",
+        )  # fmt: skip
     for axis, (n_in, n_out) in enumerate(zip(volume.array.shape, plan.shape, strict=True)):
         coord = (np.arange(n_in) - plan.offset[axis]) / plan.scale[axis]
         outside = (coord < -0.5) | (coord > n_out - 0.5)
@@ -199,6 +211,33 @@ def restore(array: np.ndarray, volume: Volume, spec: PreprocessSpec, order: int 
             index[axis] = outside
             out[tuple(index)] = 0.0
     return out
+
+
+def _restore_boxes(array: np.ndarray, out: np.ndarray, plan: _Plan, floor: float) -> None:
+    """Trilinear mapping as separable steps: for each source slice, the two
+    nearest output slices blended, then a 2-D linear transform of the box
+    around values above ``floor`` (with edge values held, like mode nearest)."""
+    n_out = array.shape[0]
+    scale, offset = plan.scale, plan.offset
+    for i in range(out.shape[0]):
+        c = min(max((i - offset[0]) / scale[0], 0.0), n_out - 1.0)
+        k0 = int(np.floor(c))
+        k1 = min(k0 + 1, n_out - 1)
+        w = np.float32(c - k0)
+        plane = array[k0] if w == 0 else (1 - w) * array[k0] + w * array[k1]
+        rows, cols = np.nonzero(plane > floor)
+        if not len(rows):
+            continue
+        lo, hi = [], []
+        for axis, idx in ((1, rows), (2, cols)):
+            first = offset[axis] + scale[axis] * (int(idx.min()) - 1)
+            last = offset[axis] + scale[axis] * (int(idx.max()) + 1)
+            lo.append(max(0, int(np.floor(first))))
+            hi.append(min(out.shape[axis], int(np.ceil(last)) + 1))
+        ndi.affine_transform(
+            plane, 1.0 / scale[1:], (np.array(lo) - offset[1:]) / scale[1:],
+            output=out[i, lo[0] : hi[0], lo[1] : hi[1]], order=1, mode="nearest",
+        )  # fmt: skip
 
 
 def _resample(array: np.ndarray, plan: _Plan, order: int) -> np.ndarray:

@@ -5,6 +5,10 @@
 a model applies to it; ``infer_job`` runs the rest. Transient errors
 (database or broker unavailable, I/O) are retried with backoff and jitter,
 a bounded number of times; anything else fails the job with its reason.
+
+``export_due`` (cpu queue) sends the export rows that are due
+(:func:`scp.export.run_due`); the dispatcher publishes it while due rows
+exist, and :func:`publish_export_due` asks for it at once.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from db.session import create_db_engine
 from pacsnode.errors import PacsnodeError
 from pacsnode.settings import Settings, load_settings
+from scp.export import run_due
 from workers import jobstate, pipeline
-from workers.celery_app import GPU_QUEUE, make_app
+from workers.celery_app import CPU_QUEUE, GPU_QUEUE, make_app
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +111,55 @@ def infer_job(self: Task, job_id: int) -> None:
         return
     with _engine().begin() as conn:
         jobstate.mark_succeeded(conn, job_id)
+
+
+# export_due's hard limit (db.exports.LEASE_S is this plus a minute: a claim
+# older than that lost its worker); run_due stops claiming long before it.
+EXPORT_TIME_LIMIT_S = 600
+EXPORT_TASK = "pacsnode.export_due"
+
+
+@app.task(
+    bind=True,
+    name=EXPORT_TASK,
+    max_retries=MAX_RETRIES,
+    time_limit=EXPORT_TIME_LIMIT_S,
+    soft_time_limit=EXPORT_TIME_LIMIT_S - 60,
+)
+def export_due(self: Task) -> None:
+    """cpu queue: send every due export row. Idempotent: it only sends what
+    it claims, so a duplicate or redelivered message finds nothing to do."""
+    try:
+        summary = run_due(_engine(), _settings())
+    except Exception as exc:
+        if is_transient(exc) and self.request.retries < MAX_RETRIES:
+            log.warning("export_due: transient %s, retrying", type(exc).__name__)
+            raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+        # Claimed rows go back to due when their lease ends; nothing is lost.
+        log.exception("export_due failed")
+        return
+    if summary.batches:
+        log.info(
+            "export_due: %d sent, %d failed in %d batch(es)",
+            summary.sent,
+            summary.failed,
+            summary.batches,
+        )
+    if summary.more:
+        publish_export_due()
+
+
+def publish_export_due() -> bool:
+    """Ask a worker to send due exports now (best effort: call it after the
+    transaction that enqueued them committed). False if the broker is
+    unavailable; the dispatcher's poll publishes it then."""
+    try:
+        export_due.apply_async(
+            queue=CPU_QUEUE,
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
+        )
+    except Exception as exc:
+        log.warning("export_due not published (%s): the dispatcher will", type(exc).__name__)
+        return False
+    return True

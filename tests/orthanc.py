@@ -1,0 +1,190 @@
+"""A real Orthanc PACS (the Debian package) for end-to-end tests and benchmarks.
+
+Each :class:`Orthanc` has its own configuration, storage and index in a
+folder, free ports and the AE title ``ORTHANC``; it knows pacsnode as the
+modality ``pacsnode`` so that its REST call ``/modalities/pacsnode/store``
+pushes a study to the node, as a PACS forwarding rule would. It can be
+stopped and started again on the same ports and storage (an outage).
+
+Orthanc binds every interface (it has no listen-address option) and refuses
+instances without PatientID / Study / Series UIDs; ``TCP_NODELAY=1`` keeps
+dcmtk's Nagle delay off its receiving side (NOTES).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+HOST = "127.0.0.1"
+
+
+def orthanc_binary() -> str | None:
+    found = shutil.which("Orthanc")
+    if found is None and os.access("/usr/sbin/Orthanc", os.X_OK):
+        found = "/usr/sbin/Orthanc"
+    return found
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Orthanc:
+    home: Path
+    binary: str
+    ae_title: str = "ORTHANC"
+    dicom_port: int = 0
+    http_port: int = 0
+    modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    def configure(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.dicom_port = self.dicom_port or _free_port()
+        self.http_port = self.http_port or _free_port()
+        config = {
+            "Name": "pacsnode-test-pacs",
+            "StorageDirectory": str(self.home / "storage"),
+            "IndexDirectory": str(self.home / "index"),
+            "SyncStorageArea": True,
+            "AuthenticationEnabled": False,
+            "RemoteAccessAllowed": True,
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
+            "Plugins": [],
+            "StableAge": 3600,
+        }
+        (self.home / "config.json").write_text(json.dumps(config, indent=2))
+
+    def start(self, timeout: float = 30.0) -> Orthanc:
+        self.configure()
+        log = open(self.home / "orthanc.log", "ab")  # noqa: SIM115 - kept by the process
+        self.process = subprocess.Popen(
+            [self.binary, str(self.home / "config.json")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not (self._http_up() and self._echo()):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: {self.log()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"Orthanc did not start in {timeout}s: {self.log()[-2000:]}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        path = self.home / "orthanc.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _http_up(self) -> bool:
+        try:
+            return bool(self.get("/system"))
+        except (OSError, ValueError):
+            return False
+
+    def _echo(self) -> bool:
+        ae = AE(ae_title="ECHOSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(HOST, self.dicom_port, ae_title=self.ae_title)
+        if not assoc.is_established:
+            return False
+        status = assoc.send_c_echo()
+        assoc.release()
+        return bool(status) and status.Status == 0
+
+    def request(self, path: str, method: str = "GET", body: Any = None) -> Any:
+        """A REST call; ``body`` is sent as JSON, or as is when it is bytes."""
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            payload = resp.read()
+        return json.loads(payload) if payload else None
+
+    def get(self, path: str) -> Any:
+        return self.request(path)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self.request(path, "POST", body)
+
+    # --- what tests ask of the PACS ---------------------------------------
+
+    def upload(self, files: list[Path]) -> None:
+        """Store files through the REST API (``POST /instances``)."""
+        for path in files:
+            req = urllib.request.Request(
+                self.url + "/instances", data=path.read_bytes(), method="POST"
+            )
+            with urllib.request.urlopen(req, timeout=60):
+                pass
+
+    def study_id(self, study_instance_uid: str) -> str | None:
+        found = self.post("/tools/lookup", study_instance_uid.encode())
+        for item in found or []:
+            if item.get("Type") == "Study":
+                return str(item["ID"])
+        return None
+
+    def series_of(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        """The study's series with their main tags (empty if the study is unknown)."""
+        study = self.study_id(study_instance_uid)
+        if study is None:
+            return []
+        return list(self.get(f"/studies/{study}/series?expand"))
+
+    def instances_of_modality(self, study_instance_uid: str, modality: str) -> list[str]:
+        """Orthanc instance IDs of the study's series of ``modality``."""
+        out: list[str] = []
+        for series in self.series_of(study_instance_uid):
+            if series["MainDicomTags"].get("Modality") == modality:
+                out += list(series["Instances"])
+        return out
+
+    def file(self, instance_id: str) -> bytes:
+        req = urllib.request.Request(f"{self.url}/instances/{instance_id}/file")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return bytes(resp.read())
+
+    def count_instances(self) -> int:
+        try:
+            return int(self.get("/statistics")["CountInstances"])
+        except (urllib.error.URLError, OSError):
+            return -1
