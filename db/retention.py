@@ -27,14 +27,16 @@ starts a new study after the commit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy import Connection, Engine, Select, delete, func, select, update
 
 from db.models import Assembly, Export, Finding, Instance, Job, Patient, Segment, Series, Study
 
@@ -106,8 +108,7 @@ def keep_reasons(conn: Connection, study_pk: int, discard_failed_exports: bool) 
     for export_id, destination, state in exports:
         hint = " (pacsnode exports retry, or retention.discard_failed_exports)"
         reasons.append(
-            f"export {export_id} to {destination} is {state}"
-            + (hint if state == "failed" else "")
+            f"export {export_id} to {destination} is {state}" + (hint if state == "failed" else "")
         )
     return reasons
 
@@ -133,15 +134,14 @@ def _candidates(conn: Connection, cutoff: datetime) -> list[tuple[int, str, date
 def _delete_rows(conn: Connection, study_pk: int) -> _Files:
     series_pks = select(Series.id).where(Series.study_pk == study_pk)
     instance_pks = select(Instance.id).where(Instance.series_pk.in_(series_pks))
+
+    def column(stmt: Select[Any]) -> list[str]:
+        return [str(value) for value in conn.execute(stmt).scalars()]
+
     files = _Files(
-        spool=list(conn.execute(select(Instance.path).where(Instance.id.in_(instance_pks)))
-                   .scalars()),  # fmt: skip
-        masks=list(conn.execute(select(Segment.mask_path).where(Segment.study_pk == study_pk))
-                   .scalars()),  # fmt: skip
-        series_uids=list(
-            conn.execute(select(Series.series_instance_uid).where(Series.study_pk == study_pk))
-            .scalars()
-        ),  # fmt: skip
+        spool=column(select(Instance.path).where(Instance.id.in_(instance_pks))),
+        masks=column(select(Segment.mask_path).where(Segment.study_pk == study_pk)),
+        series_uids=column(select(Series.series_instance_uid).where(Series.study_pk == study_pk)),
     )
     patient_pk = conn.execute(select(Study.patient_pk).where(Study.id == study_pk)).scalar_one()
     job_pks = select(Job.id).where(Job.study_pk == study_pk)
@@ -184,10 +184,8 @@ def _remove_files(data_dir: Path, spool_dir: Path, files: _Files) -> None:
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         if folder in (spool_dir, results):
             continue
-        try:
+        with contextlib.suppress(OSError):  # not empty (something new arrived) or gone
             folder.rmdir()
-        except OSError:
-            pass  # not empty (something new arrived) or already gone
 
 
 def apply_retention(

@@ -69,8 +69,10 @@ def cleanup(
     for column in ("Study Instance UID", "Last received (UTC)", "Instances", "MB", "Outcome"):
         table.add_column(column)
     for v in verdicts:
-        outcome = verb if (v.deletable if dry_run else v.deleted) else "kept: " + "; ".join(
-            v.keep_reasons
+        outcome = (
+            verb
+            if (v.deletable if dry_run else v.deleted)
+            else "kept: " + "; ".join(v.keep_reasons)
         )
         table.add_row(
             v.study_instance_uid,

@@ -123,9 +123,8 @@ def cfind_key_table() -> str:
         assert tag is not None, key.keyword
         shown = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
         unique = "U" if UNIQUE_KEY.get(key.level) == key.keyword else "R/O"
-        lines.append(
-            f"| {key.level.name} | {key.keyword} | {shown} | {unique} | {_MATCHING[key.kind.value]} |"
-        )
+        matching = _MATCHING[key.kind.value]
+        lines.append(f"| {key.level.name} | {key.keyword} | {shown} | {unique} | {matching} |")
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +164,5 @@ def render(document: str, generators: dict[str, Callable[[], str]] = GENERATORS)
     missing = set(generators) - found
     unknown = found - set(generators)
     if missing or unknown:
-        raise ValueError(
-            f"generated blocks missing: {sorted(missing)}; unknown: {sorted(unknown)}"
-        )
+        raise ValueError(f"generated blocks missing: {sorted(missing)}; unknown: {sorted(unknown)}")
     return _MARK.sub(lambda m: m[1] + "\n" + generators[m["name"]]() + "\n" + m[4], document)

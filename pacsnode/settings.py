@@ -160,9 +160,7 @@ class ExportRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    destinations: list[str] = Field(
-        min_length=1, description="destination names, or @sender"
-    )
+    destinations: list[str] = Field(min_length=1, description="destination names, or @sender")
     models: list[str] = Field(default=[], description="model names (empty: every model)")
     calling_ae_titles: list[AETitle] = Field(
         default=[], description="senders whose studies match (empty: every sender)"
@@ -245,8 +243,7 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8000, ge=1, le=65535, description="HTTP API port")
     data_dir: Path = Field(
         default=Path.home() / ".local" / "share" / "pacsnode",
-        description="spool, results, preprocessing cache, embedded broker, default SQLite "
-        "database",
+        description="spool, results, preprocessing cache, embedded broker, default SQLite database",
     )
     database_url: str = Field(
         default="",
@@ -283,8 +280,7 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = Field(
         default=1024,
         ge=0,
-        description="below this free space in data_dir, C-STORE answers Out of Resources "
-        "(0xA700)",
+        description="below this free space in data_dir, C-STORE answers Out of Resources (0xA700)",
     )
     max_pdu_size: int = Field(
         default=262_144, ge=0, description="largest PDU the node accepts (0 = unlimited)"
