@@ -6,15 +6,20 @@ implementation identifiers). Run scripts/generate-docs after a change."""
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
+import yaml
 from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
 
 from pacsnode import configref, conformance
+from pacsnode.cli import app
 from pacsnode.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +81,58 @@ def test_generate_docs_check_passes() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``pacsnode …`` command line in the README's and docs' shell blocks."""
+    found = []
+    for path in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for block in re.findall(r"```sh\n(.*?)```", path.read_text(), re.DOTALL):
+            for line in block.replace("\\\n", " ").splitlines():
+                tokens = shlex.split(line, comments=True)
+                for stop in ("|", "&&", ">", "&"):
+                    if stop in tokens:
+                        tokens = tokens[: tokens.index(stop)]
+                # In command position: first, after VAR=value, or `exec <service>`.
+                starts = [
+                    i for i, t in enumerate(tokens)
+                    if t in ("pacsnode", ".venv/bin/pacsnode")
+                    and (i == 0 or "=" in tokens[i - 1] or tokens[i - 2 : i - 1] == ["exec"])
+                ]  # fmt: skip
+                if starts:
+                    found.append((path.name, tokens[starts[0] + 1 :]))
+    return found
+
+
+def test_documented_commands_exist() -> None:
+    """The commands the README and the guides tell operators to type parse
+    against the real CLI (subcommands, options and option values)."""
+    root: Any = typer.main.get_command(app)
+    commands = _documented_commands()
+    assert len(commands) >= 15
+    for where, args in commands:
+        command, rest = root, list(args)
+        while hasattr(command, "commands") and rest and rest[0] in command.commands:
+            command = command.commands[rest.pop(0)]
+        try:
+            command.make_context("pacsnode", rest)
+        except Exception as exc:
+            raise AssertionError(f"{where}: pacsnode {' '.join(args)}: {exc}") from None
+
+
+def test_guide_manifest_and_configuration_are_valid(tmp_path: Path) -> None:
+    """The manifest and node configuration printed in the plug-in guide load."""
+    from models.manifest import read_manifest
+
+    text = (DOCS / "plug-in-your-model.md").read_text()
+    manifest = re.search(r"```yaml\n(# Written by docs/examples.*?)```", text, re.DOTALL)
+    assert manifest is not None
+    (tmp_path / "manifest.yaml").write_text(manifest[1])
+    parsed = read_manifest(tmp_path / "manifest.yaml")
+    assert parsed.name == "tiny-lesion-segmenter" and parsed.task == "segmentation"
+    config = re.search(r"cat > my-node.yaml <<'EOF'\n(.*?)\nEOF", text, re.DOTALL)
+    assert config is not None
+    data = yaml.safe_load(config[1])
+    settings = Settings(**data)
+    assert settings.peer("PACSNODE_DEMO") is not None
+    assert settings.exports.rules[0].destinations == ["pacs"]

@@ -100,7 +100,7 @@ def manifest(weights_file: str, sha256: str) -> dict[str, object]:
                         "scheme_designator": "SCT",
                         "meaning": "Morphologically Altered Structure",
                     },
-                    "type": lesion,
+                    "type": dict(lesion),
                 },
             }
         ],
@@ -112,7 +112,7 @@ def manifest(weights_file: str, sha256: str) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models_dir", type=Path)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args()
 
     import keras
