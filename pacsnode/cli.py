@@ -13,6 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from pacsnode import cli_admin
 from pacsnode.errors import ConfigError
 from pacsnode.settings import Settings, load_settings
 
@@ -39,6 +40,8 @@ exports_app = typer.Typer(
     "newest first; `retry` re-queues failed ones."
 )
 app.add_typer(exports_app, name="exports")
+app.command()(cli_admin.cleanup)
+app.command()(cli_admin.healthcheck)
 
 out = Console()
 err = Console(stderr=True)
@@ -53,12 +56,16 @@ def _settings() -> Settings:
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    worker: Annotated[
+        bool, typer.Option(help="also run a Celery worker for both queues in this node")
+    ] = True,
+) -> None:
     """Run the node: migrate the database, then serve DICOM until stopped."""
     from pacsnode.serve import serve as run
 
     settings = _settings()
-    sys.exit(run(settings))
+    sys.exit(run(settings, embedded_worker=worker))
 
 
 @app.command()
@@ -75,7 +82,7 @@ def worker(
     if unknown:
         err.print(f"[red]pacsnode worker: unknown queue(s) {sorted(unknown)}[/red]")
         raise typer.Exit(2)
-    configure_logging(settings.log_level, process_name="worker")
+    configure_logging(settings.log_level, "worker", settings.log_format)
     from workers.tasks import app as celery_app
 
     celery_app.worker_main(argv=worker_argv(queues, concurrency, settings.log_level))

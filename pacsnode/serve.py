@@ -23,7 +23,7 @@ from pacsnode.assembler import run_assembler
 from pacsnode.errors import ConfigError
 from pacsnode.logs import configure_logging
 from pacsnode.settings import Settings
-from scp.server import SCPSupervisor
+from scp.server import SCPSupervisor, Service
 
 if TYPE_CHECKING:
     from models.registry import Registry
@@ -90,8 +90,11 @@ def check_models(settings: Settings) -> Registry:
     return registry
 
 
-def serve(settings: Settings) -> int:
-    configure_logging(settings.log_level)
+def serve(settings: Settings, embedded_worker: bool = True) -> int:
+    """Run the node until SIGTERM/SIGINT. Without ``embedded_worker`` the
+    node runs no Celery worker of its own: dedicated ``pacsnode worker``
+    processes (other containers or machines) take its jobs."""
+    configure_logging(settings.log_level, "main", settings.log_format)
     try:
         check_models(settings)
     except ConfigError as exc:
@@ -105,11 +108,14 @@ def serve(settings: Settings) -> int:
     log.info("database ready at revision %s", revision)
     if not settings.peers:
         log.warning("no peers configured: every association will be rejected (default-deny)")
-    services = [
+    services: list[tuple[str, Service]] = [
         ("assembler", assembler_service),
         ("dispatcher", dispatcher_service),
-        ("worker", worker_service),
     ]
+    if embedded_worker:
+        services.append(("worker", worker_service))
+    elif not settings.broker_url:
+        log.warning("no embedded worker and no broker_url: only workers on this machine get jobs")
     supervisor = SCPSupervisor(settings, services=services)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
     signal.signal(signal.SIGINT, lambda *_: supervisor.stop())

@@ -78,14 +78,22 @@ class CompletionPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    grouping: Literal["study", "series"] = "study"
+    grouping: Literal["study", "series"] = Field(
+        default="study", description="one job per study, or per series"
+    )
     # DESIGN §3 suggests about 2 s; 0.5 s still covers senders that open
     # their associations back to back, and lets work start within a second of
     # the release (bench/trigger). Raise it per peer for senders that pause
     # between series: each series that misses it costs a whole-study update job.
-    debounce_s: float = Field(default=0.5, ge=0, le=3600)
-    quiet_period_s: float = Field(default=30.0, gt=0, le=86_400)
-    max_wait_s: float = Field(default=900.0, gt=0, le=7 * 86_400)
+    debounce_s: float = Field(
+        default=0.5, ge=0, le=3600, description="wait after the sending association's release"
+    )
+    quiet_period_s: float = Field(
+        default=30.0, gt=0, le=86_400, description="complete after this long without an instance"
+    )
+    max_wait_s: float = Field(
+        default=900.0, gt=0, le=7 * 86_400, description="complete this long after the first"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> CompletionPolicy:
@@ -99,13 +107,19 @@ class Peer(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ae_title: AETitle
-    hosts: list[Host] = Field(min_length=1)
-    completion: CompletionPolicy | None = None  # None: the node's default
+    ae_title: AETitle = Field(description="the peer's calling AE title")
+    hosts: list[Host] = Field(
+        min_length=1, description="IP addresses, CIDR networks or host names it may call from"
+    )
+    completion: CompletionPolicy | None = Field(
+        default=None, description="its own completion policy (null: the node's)"
+    )
     # The port of the peer's own storage SCP: needed to return results to it
     # ("@sender" in an export rule) and to move studies to it by C-MOVE. It
     # is reached at its first host, which must then be an address or name.
-    port: int | None = Field(default=None, ge=1, le=65535)
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="its storage SCP's port (@sender, C-MOVE)"
+    )
 
     def allows(self, address: str) -> bool:
         """True if ``address`` (the TCP peer) is one of this peer's hosts."""
@@ -127,10 +141,12 @@ class Destination(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: AETitle
-    host: Host
-    port: int = Field(ge=1, le=65535)
+    name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="name used in export rules"
+    )
+    ae_title: AETitle = Field(description="its called AE title")
+    host: Host = Field(description="its address or host name")
+    port: int = Field(ge=1, le=65535, description="its DICOM port")
 
 
 SENDER = "@sender"  # export rule destination: the AE that sent the study
@@ -144,9 +160,11 @@ class ExportRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    destinations: list[str] = Field(min_length=1)
-    models: list[str] = []
-    calling_ae_titles: list[AETitle] = []
+    destinations: list[str] = Field(min_length=1, description="destination names, or @sender")
+    models: list[str] = Field(default=[], description="model names (empty: every model)")
+    calling_ae_titles: list[AETitle] = Field(
+        default=[], description="senders whose studies match (empty: every sender)"
+    )
 
     def matches(self, model: str, calling_ae_title: str) -> bool:
         return (not self.models or model in self.models) and (
@@ -160,10 +178,12 @@ class ExportPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rules: list[ExportRule] = []
+    rules: list[ExportRule] = Field(default=[], description="export rules (empty: no exports)")
     deadline_s: float = Field(default=86_400.0, gt=0, description="give up after this long")
-    initial_backoff_s: float = Field(default=5.0, gt=0)
-    max_backoff_s: float = Field(default=600.0, gt=0)
+    initial_backoff_s: float = Field(
+        default=5.0, gt=0, description="first retry delay; doubles after each failure"
+    )
+    max_backoff_s: float = Field(default=600.0, gt=0, description="longest retry delay")
     jitter: float = Field(default=0.2, ge=0, le=1, description="± fraction of each delay")
 
 
@@ -175,10 +195,34 @@ class SegOptions(BaseModel):
     # BINARY is read by every viewer; FRACTIONAL keeps the model's
     # probabilities; LABELMAP needs a recent viewer (and Debian 12's dciodvfy
     # does not know it).
-    segmentation_type: Literal["BINARY", "FRACTIONAL", "LABELMAP"] = "BINARY"
+    segmentation_type: Literal["BINARY", "FRACTIONAL", "LABELMAP"] = Field(
+        default="BINARY", description="Segmentation Type (PS3.3 C.8.20.2)"
+    )
     # Frames without any segmented pixel are left out (smaller objects);
     # some viewers expect one frame per source image: set false for them.
-    omit_empty_frames: bool = True
+    omit_empty_frames: bool = Field(
+        default=True, description="leave out frames without a segmented pixel"
+    )
+
+
+class RetentionPolicy(BaseModel):
+    """How long received studies and their results stay on the node
+    (``pacsnode cleanup``). Disabled by default: nothing is ever deleted
+    unless ``keep_days`` is set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="delete studies whose last instance arrived more than this many days ago "
+        "(null: keep everything)",
+    )
+    discard_failed_exports: bool = Field(
+        default=False,
+        description="also delete studies whose exports failed for good (past their deadline); "
+        "by default they are kept until sent or retried",
+    )
 
 
 class Settings(BaseSettings):
@@ -188,28 +232,78 @@ class Settings(BaseSettings):
         env_prefix="PACSNODE_", extra="forbid", validate_default=True, frozen=True
     )
 
-    ae_title: AETitle = "PACSNODE"
-    dicom_host: str = "0.0.0.0"
-    dicom_port: int = Field(default=11112, ge=0, le=65535, description="0 = any free port")
-    http_port: int = Field(default=8000, ge=1, le=65535)
-    data_dir: Path = Path.home() / ".local" / "share" / "pacsnode"
-    database_url: str = ""
-    broker_url: str = ""
-    peers: list[Peer] = []
-    destinations: list[Destination] = []
-    exports: ExportPolicy = ExportPolicy()
-    seg: SegOptions = SegOptions()
-    completion: CompletionPolicy = CompletionPolicy()
-    max_associations: int = Field(default=32, ge=1, le=1000)
-    scp_processes: int = Field(default=0, ge=0, le=64, description="0 = one per CPU core")
-    min_free_disk_mb: int = Field(default=1024, ge=0)
-    max_pdu_size: int = Field(default=262_144, ge=0)
-    network_timeout_s: float = Field(default=60.0, gt=0)
-    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
-    # One sub-folder per model (manifest.yaml + weights), checked at start-up.
-    models_dir: Path = BUNDLED_MODELS_DIR
-    # Models not to run: "name" (every version) or "name@version".
-    disabled_models: list[Annotated[str, Field(min_length=1)]] = []
+    ae_title: AETitle = Field(
+        default="PACSNODE",
+        description="this node's AE title; associations calling another title are rejected",
+    )
+    dicom_host: str = Field(default="0.0.0.0", description="DICOM listen address")
+    dicom_port: int = Field(
+        default=11112, ge=0, le=65535, description="DICOM port (0 = any free port)"
+    )
+    http_port: int = Field(default=8000, ge=1, le=65535, description="HTTP API port")
+    data_dir: Path = Field(
+        default=Path.home() / ".local" / "share" / "pacsnode",
+        description="spool, results, preprocessing cache, embedded broker, default SQLite database",
+    )
+    database_url: str = Field(
+        default="",
+        description="sqlite:///path or postgresql://user:pass@host/db "
+        "(empty: SQLite under data_dir)",
+    )
+    broker_url: str = Field(
+        default="",
+        description="Celery broker, e.g. redis://host:6379/0 (empty: the embedded broker "
+        "under data_dir, one machine only)",
+    )
+    peers: list[Peer] = Field(
+        default=[], description="AEs allowed to associate (default-deny: empty = nobody)"
+    )
+    destinations: list[Destination] = Field(
+        default=[], description="where results go by C-STORE; also C-MOVE destinations"
+    )
+    exports: ExportPolicy = Field(
+        default=ExportPolicy(), description="which results go where, and their retries"
+    )
+    seg: SegOptions = Field(default=SegOptions(), description="how DICOM-SEG objects are written")
+    completion: CompletionPolicy = Field(
+        default=CompletionPolicy(), description="when a study counts as complete"
+    )
+    retention: RetentionPolicy = Field(
+        default=RetentionPolicy(), description="how long studies stay (pacsnode cleanup)"
+    )
+    max_associations: int = Field(
+        default=32, ge=1, le=1000, description="concurrent associations for the whole node"
+    )
+    scp_processes: int = Field(
+        default=0, ge=0, le=64, description="SCP processes sharing the port (0 = one per core)"
+    )
+    min_free_disk_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="below this free space in data_dir, C-STORE answers Out of Resources (0xA700)",
+    )
+    max_pdu_size: int = Field(
+        default=262_144, ge=0, description="largest PDU the node accepts (0 = unlimited)"
+    )
+    network_timeout_s: float = Field(
+        default=60.0, gt=0, description="idle association and DIMSE timeout"
+    )
+    log_level: str = Field(
+        default="INFO",
+        pattern=r"^(DEBUG|INFO|WARNING|ERROR)$",
+        description="DEBUG, INFO, WARNING or ERROR",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text lines, or one JSON object per line"
+    )
+    models_dir: Path = Field(
+        default=BUNDLED_MODELS_DIR,
+        description="one sub-folder per model (manifest.yaml + weights), checked at start-up "
+        "(default: the bundled demonstration models)",
+    )
+    disabled_models: list[Annotated[str, Field(min_length=1)]] = Field(
+        default=[], description='models not to run: "name" (every version) or "name@version"'
+    )
 
     @field_validator("data_dir", "models_dir")
     @classmethod

@@ -63,7 +63,11 @@ class AssociationGate:
         if reason is None:
             log.info("association accepted: %s@%s -> %s", calling, host, called)
             return
-        log.warning(
+        # `pacsnode healthcheck` calls from the node's own AE title on
+        # loopback (every 30 s in containers); its rejection is expected, not news.
+        local_check = calling == self.settings.ae_title and host in ("127.0.0.1", "::1")
+        log.log(
+            logging.DEBUG if local_check else logging.WARNING,
             "association rejected: %s@%s -> %s (result %d, source %d, reason %d)",
             calling,
             host,

@@ -287,7 +287,7 @@ def _worker_main(settings: Settings, listener: socket.socket, counts: Any, slot:
     stop = _child_stop_event()
     from pacsnode.logs import configure_logging
 
-    configure_logging(settings.log_level, process_name=f"scp-{slot}")
+    configure_logging(settings.log_level, f"scp-{slot}", settings.log_format)
     run_worker(settings, listener, counts, slot, stop)
 
 
@@ -299,7 +299,7 @@ def _service_main(name: str, target: Service, settings: Settings) -> None:
     stop = _child_stop_event()
     from pacsnode.logs import configure_logging
 
-    configure_logging(settings.log_level, process_name=name)
+    configure_logging(settings.log_level, name, settings.log_format)
     target(settings, stop)
 
 

@@ -65,6 +65,7 @@ class Node:
     port: int = 0
     ae_title: str = "PACSNODE"
     output: list[str] = field(default_factory=list)
+    serve_args: list[str] = field(default_factory=list)  # e.g. ["--no-worker"]
 
     def env(self) -> dict[str, str]:
         config_path = self.data_dir.parent / f"{self.data_dir.name}.yaml"
@@ -84,7 +85,7 @@ class Node:
     def start(self, timeout: float = 60.0) -> Node:
         self.output = []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pacsnode", "serve"],
+            [sys.executable, "-m", "pacsnode", "serve", *self.serve_args],
             env=self.env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
