@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pacsnode import cli_admin
+from pacsnode import cli_ops
 from pacsnode.errors import ConfigError
 from pacsnode.settings import Settings, load_settings
 
@@ -40,8 +40,8 @@ exports_app = typer.Typer(
     "newest first; `retry` re-queues failed ones."
 )
 app.add_typer(exports_app, name="exports")
-app.command()(cli_admin.cleanup)
-app.command()(cli_admin.healthcheck)
+app.command()(cli_ops.cleanup)
+app.command()(cli_ops.healthcheck)
 
 out = Console()
 err = Console(stderr=True)
