@@ -13,6 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from pacsnode import cli_admin
 from pacsnode.errors import ConfigError
 from pacsnode.settings import Settings, load_settings
 
@@ -39,6 +40,7 @@ exports_app = typer.Typer(
     "newest first; `retry` re-queues failed ones."
 )
 app.add_typer(exports_app, name="exports")
+cli_admin.register(app)
 
 out = Console()
 err = Console(stderr=True)
@@ -108,26 +110,34 @@ def studies(
     patient_id: Annotated[str | None, typer.Option(help="exact Patient ID")] = None,
     accession: Annotated[str | None, typer.Option(help="exact Accession Number")] = None,
     modality: Annotated[str | None, typer.Option(help="with a series of this modality")] = None,
+    date_from: Annotated[str | None, typer.Option(help="Study Date from (YYYYMMDD)")] = None,
+    date_to: Annotated[str | None, typer.Option(help="Study Date to (YYYYMMDD)")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="receiving|pending|queued|running|succeeded|failed")
+    ] = None,
 ) -> None:
     """List received studies, most recent first."""
-    from db.queries import list_studies
+    from db.queries import STUDY_STATUSES, StudyFilter, list_studies
     from db.session import create_db_engine
 
+    for name, value in (("date-from", date_from), ("date-to", date_to)):
+        if value is not None and not (len(value) == 8 and value.isdigit()):
+            err.print(f"[red]pacsnode studies: --{name}: expected YYYYMMDD[/red]")
+            raise typer.Exit(2)
+    if status is not None and status not in STUDY_STATUSES:
+        err.print(f"[red]pacsnode studies: --status: one of {', '.join(STUDY_STATUSES)}[/red]")
+        raise typer.Exit(2)
     settings = _settings()
     engine = create_db_engine(settings.effective_database_url)
-    rows = list_studies(
-        engine,
-        limit=limit,
-        offset=offset,
-        patient_id=patient_id,
-        accession_number=accession,
-        modality=modality,
-    )
+    flt = StudyFilter(patient_id, accession, modality, date_from, date_to, status)
+    with engine.connect() as conn:
+        page = list_studies(conn, flt, limit=limit, offset=offset)
+    rows = page.items
     if as_json:
         for row in rows:
             print(json.dumps(row.as_json()))
         return
-    table = Table(title=f"Studies ({len(rows)} shown)")
+    table = Table(title=f"Studies ({len(rows)} of {page.total})")
     for column in (
         "Study Instance UID",
         "Patient ID",
@@ -137,6 +147,7 @@ def studies(
         "Series",
         "Instances",
         "MB",
+        "Status",
         "Last received (UTC)",
     ):
         table.add_column(column)
@@ -150,7 +161,8 @@ def studies(
             str(row.series_count),
             str(row.instance_count),
             f"{row.size_bytes / 1e6:.1f}",
-            row.last_received_at.strftime("%Y-%m-%d %H:%M:%S"),
+            row.status,
+            _when(row.last_received_at),
         )
     out.print(table)
 
@@ -177,6 +189,7 @@ def exports_list(
     destination: Annotated[str | None, typer.Option(help="destination name")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """List exports, newest first (one row per output object and destination)."""
     if ctx.invoked_subcommand is not None:
@@ -187,7 +200,7 @@ def exports_list(
     _check_state(state, STATES)
     engine = create_db_engine(_settings().effective_database_url)
     with engine.connect() as conn:
-        rows = list_exports(conn, state=state, destination=destination, limit=limit)
+        rows = list_exports(conn, state=state, destination=destination, limit=limit, offset=offset)
         totals = counts(conn)
     if as_json:
         for row in rows:
@@ -234,6 +247,8 @@ def exports_retry(
             destination=destination,
             refresh=known_destinations(settings),
         )
+        detail = {"ids": ids, "state": state, "destination": destination, "count": count}
+        cli_admin.audit.record(conn, cli_admin.cli_actor(), "exports.retry", detail=detail)
     out.print(f"re-queued {count} export(s)", highlight=False)
 
 

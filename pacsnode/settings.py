@@ -181,6 +181,38 @@ class SegOptions(BaseModel):
     omit_empty_frames: bool = True
 
 
+# Values that look like a configured secret but are an example's placeholder.
+PLACEHOLDER_SECRETS = frozenset(
+    {"changeme", "change-me", "change_me", "changethis", "secret", "password", "admin", "token",
+     "example", "test", "xxx", "todo"}
+)  # fmt: skip
+
+
+class ApiSettings(BaseModel):
+    """The admin HTTP API, dashboard and ``/metrics`` (``pacsnode serve`` and ``pacsnode api``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Loopback by default: expose it deliberately (behind a TLS proxy).
+    host: str = "127.0.0.1"
+    # An admin token accepted besides those in the database (``pacsnode
+    # tokens create``), for automated set-ups; at least 32 characters and
+    # never an example placeholder.
+    bootstrap_token: str = ""
+    # Serve /metrics without a token (for a scraper on a trusted network).
+    open_metrics: bool = False
+
+    @field_validator("bootstrap_token")
+    @classmethod
+    def _no_placeholder(cls, value: str) -> str:
+        if value and (value.strip().lower() in PLACEHOLDER_SECRETS or len(value) < 32):
+            raise ValueError(
+                "refusing a placeholder or short secret: generate one with "
+                "`pacsnode tokens create --role admin` or use at least 32 random characters"
+            )
+        return value
+
+
 class Settings(BaseSettings):
     """Effective configuration of one pacsnode installation."""
 
@@ -191,7 +223,8 @@ class Settings(BaseSettings):
     ae_title: AETitle = "PACSNODE"
     dicom_host: str = "0.0.0.0"
     dicom_port: int = Field(default=11112, ge=0, le=65535, description="0 = any free port")
-    http_port: int = Field(default=8000, ge=1, le=65535)
+    http_port: int = Field(default=8000, ge=0, le=65535, description="0 = any free port")
+    api: ApiSettings = ApiSettings()
     data_dir: Path = Path.home() / ".local" / "share" / "pacsnode"
     database_url: str = ""
     broker_url: str = ""
@@ -287,6 +320,8 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         data["database_url"] = _mask_url(self.effective_database_url)
         data["broker_url"] = _mask_url(self.broker_url)
+        if self.api.bootstrap_token:
+            data["api"]["bootstrap_token"] = "***"
         return data
 
     @classmethod
