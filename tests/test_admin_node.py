@@ -169,6 +169,9 @@ def test_node_api_dashboard_and_audit(make_node: Any, browser: Any, tmp_path: Pa
         "the key image to load",
     )
     assert loaded == 256
+    if os.environ.get("PACSNODE_SCREENSHOT"):  # how the README's picture is made
+        browser.set_window_size(1100, 900)
+        browser.save_screenshot(os.environ["PACSNODE_SCREENSHOT"])
     assert "Lesion" in browser.find_element(By.ID, "segments").text
     png = client.get(f"/ui/studies/{study_uid}/key.png", headers=auth)
     assert png.headers["content-type"] == "image/png"

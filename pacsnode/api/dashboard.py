@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -33,6 +34,7 @@ from pacsnode.api.deps import (
 from pacsnode.api.overlay import key_image
 from pacsnode.api.routes.common import audited
 
+RowId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 router = APIRouter(prefix="/ui", include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 
@@ -174,7 +176,9 @@ def jobs(
 
 
 @router.post("/jobs/{job_id}/retry")
-def job_retry(request: Request, settings: SettingsDep, engine: EngineDep, job_id: int) -> Response:
+def job_retry(
+    request: Request, settings: SettingsDep, engine: EngineDep, job_id: RowId
+) -> Response:
     principal = _principal(request, settings, engine, admin=True)
     with audited(engine, principal, "jobs.retry", target=f"job:{job_id}") as conn:
         retry_jobs(conn, [job_id])
@@ -195,7 +199,7 @@ def exports(
 
 @router.post("/exports/{export_id}/retry")
 def export_retry(
-    request: Request, settings: SettingsDep, engine: EngineDep, export_id: int
+    request: Request, settings: SettingsDep, engine: EngineDep, export_id: RowId
 ) -> Response:
     from datetime import UTC, datetime, timedelta
 

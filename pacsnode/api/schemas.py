@@ -8,13 +8,15 @@ the same fields.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
 MAX_LIMIT = 1000
+# Row ids are 32-bit integers on both databases.
+RowId = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
 
 class PagePublic(BaseModel, Generic[T]):
@@ -31,7 +33,7 @@ class JobRetryCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[int] | None = Field(default=None, max_length=10_000)
+    ids: list[RowId] | None = Field(default=None, max_length=10_000)
 
 
 class ExportRetryCreate(BaseModel):
@@ -39,7 +41,7 @@ class ExportRetryCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[int] | None = Field(default=None, max_length=10_000)
+    ids: list[RowId] | None = Field(default=None, max_length=10_000)
     state: Literal["failed", "retrying"] = "failed"
     destination: str | None = Field(default=None, max_length=64)
 

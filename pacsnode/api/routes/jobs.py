@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 
 from db.admin import JOB_STATES, JobRow, list_jobs, retry_jobs
 from pacsnode.api.deps import AdminDep, EngineDep, ReadDep
@@ -13,6 +13,7 @@ from pacsnode.api.schemas import ActionPublic, JobRetryCreate, PagePublic
 
 router = APIRouter(tags=["jobs"])
 
+JobId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 State = Annotated[str | None, Query(pattern="^(" + "|".join(JOB_STATES) + ")$")]
 
 
@@ -44,7 +45,7 @@ def retry(principal: AdminDep, engine: EngineDep, body: JobRetryCreate) -> Any:
 
 
 @router.post("/jobs/{job_id}/retry", response_model=ActionPublic)
-def retry_one(principal: AdminDep, engine: EngineDep, job_id: int) -> Any:
+def retry_one(principal: AdminDep, engine: EngineDep, job_id: JobId) -> Any:
     """One failed job back to pending; 409 if it is not failed."""
     with audited(engine, principal, "jobs.retry", target=f"job:{job_id}") as conn:
         ids = retry_jobs(conn, [job_id])
