@@ -1,6 +1,8 @@
 """The admin API through the real app (FastAPI TestClient) against a real
 database (SQLite and PostgreSQL): auth, filters, pagination, actions and
-their audit rows."""
+their audit rows. Tests whose subject does not depend on the database
+(request validation, the model registry, db.exports' own PostgreSQL tests)
+run on SQLite only."""
 
 from __future__ import annotations
 
@@ -119,6 +121,7 @@ def test_study_filters_combine_and_paginate(api: Api) -> None:
     assert series["total"] == 1 and series["items"][0]["modality"] == "MR"
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_bad_filters_get_a_readable_422(api: Api) -> None:
     for params in (
         {"date_from": "2026-01-01"},
@@ -182,6 +185,7 @@ def test_job_retry_and_reprocess_go_through_the_outbox(api: Api) -> None:
     assert ("jobs.retry", "token:ops") in actions and ("studies.reprocess", "token:ops") in actions
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_export_retry(api: Api) -> None:
     assert api.get("/exports", state="failed")["total"] == 1
     assert api.get("/exports", limit=1)["total"] == 2
@@ -195,6 +199,7 @@ def test_export_retry(api: Api) -> None:
     assert bad.status_code == 422
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_models_disable_and_enable_persist(api: Api) -> None:
     models = api.get("/models")["items"]
     assert models and all(m["enabled"] for m in models)
