@@ -7,8 +7,6 @@ import logging
 import socket
 import threading
 
-import uvicorn
-
 from pacsnode.settings import Settings
 
 log = logging.getLogger("pacsnode.api")
@@ -27,6 +25,8 @@ def bind_api(settings: Settings) -> socket.socket:
 
 def run_api(settings: Settings, stop: threading.Event, sock: socket.socket | None = None) -> None:
     """Serve until ``stop`` is set."""
+    import uvicorn  # only in the API's own process
+
     from pacsnode.api import create_app
 
     sock = sock or bind_api(settings)
