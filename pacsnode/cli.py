@@ -40,7 +40,6 @@ exports_app = typer.Typer(
     "newest first; `retry` re-queues failed ones."
 )
 app.add_typer(exports_app, name="exports")
-cli_admin.register(app)
 
 out = Console()
 err = Console(stderr=True)
@@ -494,6 +493,9 @@ def evaluate(
     (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     if check and not all(r.metrics.get("target_met") for r in results):
         raise typer.Exit(1)
+
+
+cli_admin.register(app)  # jobs, results, models, stats, audit, tokens, api
 
 
 def main() -> None:
