@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import select
@@ -177,8 +178,8 @@ def test_node_api_dashboard_and_audit(make_node: Any, browser: Any, tmp_path: Pa
     assert png.headers["content-type"] == "image/png"
     picture = Image.open(io.BytesIO(png.content))
     assert picture.size == (256, 256) and picture.mode == "RGB"
-    pixels = list(picture.getdata())
-    assert any(r > g + 60 for r, g, _ in pixels), "no overlay colour in the key image"
+    rgb = np.asarray(picture).astype(int)
+    assert (rgb[..., 0] > rgb[..., 1] + 60).any(), "no overlay colour in the key image"
     browser.get(url + "/ui/jobs?state=failed")
     browser.find_element(By.ID, f"retry-{failed_id}").click()
     wait_for(lambda: browser.current_url.endswith("/ui/jobs"), 30, "the jobs page again")
