@@ -298,3 +298,19 @@ def test_placeholder_bootstrap_token_is_refused_at_start() -> None:
         load_settings(api={"bootstrap_token": "x" * 40}).public_dict()["api"]["bootstrap_token"]
         == "***"
     )
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_bootstrap_token_is_an_admin_token(api: Api, database_url: str, tmp_path: Path) -> None:
+    secret = "b" * 40
+    settings = load_settings(
+        database_url=database_url, data_dir=tmp_path / "data", api={"bootstrap_token": secret}
+    )
+    with TestClient(create_app(settings, api.engine)) as client:
+        headers = {"Authorization": f"Bearer {secret}"}
+        assert client.post(V1 + "/jobs/retry", headers=headers, json={}).status_code == 200
+        assert client.get(V1 + "/audit", headers=headers).json()["items"][0]["actor"] == (
+            "token:bootstrap"
+        )
+        wrong = {"Authorization": f"Bearer {'c' * 40}"}
+        assert client.get(V1 + "/studies", headers=wrong).status_code == 401

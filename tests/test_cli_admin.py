@@ -92,3 +92,11 @@ def test_actions_are_audited(cli: Any) -> None:
         ).scalar_one()
     engine.dispose()
     assert created.stdout.strip() not in detail  # the token itself is never stored
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_serve_refuses_a_placeholder_secret(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PACSNODE_API", '{"bootstrap_token": "changeme"}')
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert "api.bootstrap_token" in result.output and "placeholder" in result.output
