@@ -38,6 +38,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from db import audit
 from db.models import Export, Instance
 from pacsnode.settings import SENDER, Destination, ExportPolicy, Settings
 
@@ -268,12 +269,38 @@ def mark_sent(
 ) -> bool:
     """The destination stored the object (Success or Warning ``status``).
     False if the claim was lost (the row was re-claimed meanwhile)."""
-    result = conn.execute(
+    row = conn.execute(
         update(Export)
         .where(*_claimed(export_id, claimed_at))
         .values(state="sent", sent_at=now, next_attempt_at=None, last_status=status, last_error="")
+        .returning(Export.destination, Export.ae_title, Export.host, Export.port, Export.attempts)
+    ).first()
+    if row is None:
+        return False
+    _audit(conn, export_id, row, now, "sent", status, "")
+    return True
+
+
+def _audit(
+    conn: Connection,
+    export_id: int,
+    row: Any,
+    now: datetime,
+    outcome: str,
+    status: int | None,
+    reason: str,
+) -> None:
+    """The export attempt's audit row, in the transaction that records it."""
+    destination, ae_title, host, port, attempts = row
+    audit.record(
+        conn,
+        audit.Actor("export", f"node->{destination}", f"{ae_title}@{host}:{port}"),
+        "export.attempt",
+        target=f"export:{export_id}",
+        outcome=outcome,
+        detail={"attempt": attempts, "status": status, "reason": reason},
+        at=now,
     )
-    return bool(result.rowcount)
 
 
 def spread() -> float:
@@ -313,7 +340,14 @@ def mark_failed(
     free of patient data; ``draw`` is the batch's jitter (:func:`backoff_s`).
     Returns the new state, None if the claim was lost."""
     row = conn.execute(
-        select(Export.attempts, Export.deadline_at).where(*_claimed(export_id, claimed_at))
+        select(
+            Export.attempts,
+            Export.deadline_at,
+            Export.destination,
+            Export.ae_title,
+            Export.host,
+            Export.port,
+        ).where(*_claimed(export_id, claimed_at))
     ).first()
     if row is None:
         return None
@@ -325,7 +359,11 @@ def mark_failed(
         delay = timedelta(seconds=backoff_s(policy, attempts, draw))
         values.update(state="retrying", next_attempt_at=min(now + delay, deadline))
     result = conn.execute(update(Export).where(*_claimed(export_id, claimed_at)).values(**values))
-    return str(values["state"]) if result.rowcount else None
+    if not result.rowcount:
+        return None
+    audit_row = (row[2], row[3], row[4], row[5], attempts)
+    _audit(conn, export_id, audit_row, now, str(values["state"]), status, reason[:ERROR_MAX])
+    return str(values["state"])
 
 
 # --- operator actions and queries ---------------------------------------------------

@@ -281,3 +281,75 @@ class Export(Base):
     last_error: Mapped[str] = mapped_column(String(256), default="")
     # DIMSE status of the last C-STORE response (PS3.4 B.2.3), if one came.
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class ApiToken(Base):
+    """A bearer token of the admin API (``pacsnode tokens create``).
+
+    Only the SHA-256 of the token is stored: the token itself is printed once
+    and cannot be read back from the database.
+    """
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(8))  # read | admin
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditEvent(Base):
+    """Who did what, when and from where (:mod:`db.audit`, the only writer).
+
+    Rows are written in the transaction of the action they record, so an
+    action and its audit row commit (or vanish) together. ``detail`` is a
+    short JSON text: identifiers, counts and filters, never patient names.
+    """
+
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_at", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # api | dicom | export | cli
+    channel: Mapped[str] = mapped_column(String(16), index=True)
+    # "token:<name>", an AE title, a destination name, "cli:<user>"
+    actor: Mapped[str] = mapped_column(String(96))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(128), default="")
+    source: Mapped[str] = mapped_column(String(96), default="")  # host or address
+    outcome: Mapped[str] = mapped_column(String(16), default="ok")
+    detail: Mapped[str] = mapped_column(String(2048), default="")
+
+
+class ModelSwitch(Base):
+    """An administrator's enable/disable of a model (``name``, or one
+    ``version`` of it), read by workers before each job; it overrides the
+    ``disabled_models`` setting for that key."""
+
+    __tablename__ = "model_switch"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(32), default="")  # "": every version
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    changed_by: Mapped[str] = mapped_column(String(96), default="")
+
+
+class StageTiming(Base):
+    """How long one pipeline stage took in one run of a job; ``model_name``
+    is set on the per-model forward-pass rows (stage ``forward``)."""
+
+    __tablename__ = "stage_timing"
+    __table_args__ = (Index("ix_stage_timing_stage_recorded_at", "stage", "recorded_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(32))
+    model_name: Mapped[str] = mapped_column(String(64), default="")
+    seconds: Mapped[float] = mapped_column(Float)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

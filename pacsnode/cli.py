@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pacsnode import cli_ops
+from pacsnode import cli_admin, cli_ops
 from pacsnode.errors import ConfigError
 from pacsnode.settings import Settings, load_settings
 
@@ -115,26 +115,34 @@ def studies(
     patient_id: Annotated[str | None, typer.Option(help="exact Patient ID")] = None,
     accession: Annotated[str | None, typer.Option(help="exact Accession Number")] = None,
     modality: Annotated[str | None, typer.Option(help="with a series of this modality")] = None,
+    date_from: Annotated[str | None, typer.Option(help="Study Date from (YYYYMMDD)")] = None,
+    date_to: Annotated[str | None, typer.Option(help="Study Date to (YYYYMMDD)")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="receiving|pending|queued|running|succeeded|failed")
+    ] = None,
 ) -> None:
     """List received studies, most recent first."""
-    from db.queries import list_studies
+    from db.queries import STUDY_STATUSES, StudyFilter, list_studies
     from db.session import create_db_engine
 
+    for name, value in (("date-from", date_from), ("date-to", date_to)):
+        if value is not None and not (len(value) == 8 and value.isdigit()):
+            err.print(f"[red]pacsnode studies: --{name}: expected YYYYMMDD[/red]")
+            raise typer.Exit(2)
+    if status is not None and status not in STUDY_STATUSES:
+        err.print(f"[red]pacsnode studies: --status: one of {', '.join(STUDY_STATUSES)}[/red]")
+        raise typer.Exit(2)
     settings = _settings()
     engine = create_db_engine(settings.effective_database_url)
-    rows = list_studies(
-        engine,
-        limit=limit,
-        offset=offset,
-        patient_id=patient_id,
-        accession_number=accession,
-        modality=modality,
-    )
+    flt = StudyFilter(patient_id, accession, modality, date_from, date_to, status)
+    with engine.connect() as conn:
+        page = list_studies(conn, flt, limit=limit, offset=offset)
+    rows = page.items
     if as_json:
         for row in rows:
             print(json.dumps(row.as_json()))
         return
-    table = Table(title=f"Studies ({len(rows)} shown)")
+    table = Table(title=f"Studies ({len(rows)} of {page.total})")
     for column in (
         "Study Instance UID",
         "Patient ID",
@@ -144,6 +152,7 @@ def studies(
         "Series",
         "Instances",
         "MB",
+        "Status",
         "Last received (UTC)",
     ):
         table.add_column(column)
@@ -157,7 +166,8 @@ def studies(
             str(row.series_count),
             str(row.instance_count),
             f"{row.size_bytes / 1e6:.1f}",
-            row.last_received_at.strftime("%Y-%m-%d %H:%M:%S"),
+            row.status,
+            _when(row.last_received_at),
         )
     out.print(table)
 
@@ -184,6 +194,7 @@ def exports_list(
     destination: Annotated[str | None, typer.Option(help="destination name")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """List exports, newest first (one row per output object and destination)."""
     if ctx.invoked_subcommand is not None:
@@ -194,7 +205,7 @@ def exports_list(
     _check_state(state, STATES)
     engine = create_db_engine(_settings().effective_database_url)
     with engine.connect() as conn:
-        rows = list_exports(conn, state=state, destination=destination, limit=limit)
+        rows = list_exports(conn, state=state, destination=destination, limit=limit, offset=offset)
         totals = counts(conn)
     if as_json:
         for row in rows:
@@ -241,6 +252,8 @@ def exports_retry(
             destination=destination,
             refresh=known_destinations(settings),
         )
+        detail = {"ids": ids, "state": state, "destination": destination, "count": count}
+        cli_admin.audit.record(conn, cli_admin.cli_actor(), "exports.retry", detail=detail)
     out.print(f"re-queued {count} export(s)", highlight=False)
 
 
@@ -486,6 +499,9 @@ def evaluate(
     (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     if check and not all(r.metrics.get("target_met") for r in results):
         raise typer.Exit(1)
+
+
+cli_admin.register(app)  # jobs, results, models, stats, audit, tokens, api
 
 
 def main() -> None:

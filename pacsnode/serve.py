@@ -5,11 +5,13 @@ installed models (manifests and weights hashes), bring the database schema to
 head, then run the storage SCP processes, the study assembler, the dispatcher
 and a Celery worker (both queues), each in its own process under one
 supervisor. Dedicated workers elsewhere run
-``pacsnode worker``.
+``pacsnode worker``. The admin API (``pacsnode.api``) runs as one more
+supervised process, on ``api.host``:``http_port``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from db.migrate import upgrade
 from db.session import create_db_engine
+from pacsnode.apiserver import bind_api, run_api
 from pacsnode.assembler import run_assembler
 from pacsnode.errors import ConfigError
 from pacsnode.logs import configure_logging
@@ -108,9 +111,18 @@ def serve(settings: Settings, embedded_worker: bool = True) -> int:
     log.info("database ready at revision %s", revision)
     if not settings.peers:
         log.warning("no peers configured: every association will be rejected (default-deny)")
+    # Bound here, before the services fork, so the port is known (and taken) at once.
+    try:
+        api_socket = bind_api(settings)
+    except OSError as exc:
+        where = f"{settings.api.host}:{settings.http_port}"
+        print(f"pacsnode: api.host/http_port: cannot listen on {where}: {exc.strerror}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return 2
     services: list[tuple[str, Service]] = [
         ("assembler", assembler_service),
         ("dispatcher", dispatcher_service),
+        ("api", functools.partial(run_api, sock=api_socket)),
     ]
     if embedded_worker:
         services.append(("worker", worker_service))
@@ -121,6 +133,8 @@ def serve(settings: Settings, embedded_worker: bool = True) -> int:
     signal.signal(signal.SIGINT, lambda *_: supervisor.stop())
     # One machine-readable line on stdout: tests and scripts wait for it.
     address = f"{settings.ae_title}@{settings.dicom_host}:{supervisor.port}"
+    api_host, api_port = api_socket.getsockname()[:2]
+    print(f"pacsnode api: http://{api_host}:{api_port}", flush=True)
     print(f"pacsnode ready: {address}", flush=True)
     supervisor.run()
     log.info("pacsnode stopped")

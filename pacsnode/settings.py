@@ -225,6 +225,43 @@ class RetentionPolicy(BaseModel):
     )
 
 
+# Values that look like a configured secret but are an example's placeholder.
+PLACEHOLDER_SECRETS = frozenset(
+    {"changeme", "change-me", "change_me", "changethis", "secret", "password", "admin", "token",
+     "example", "test", "xxx", "todo"}
+)  # fmt: skip
+
+
+class ApiSettings(BaseModel):
+    """The admin HTTP API, dashboard and ``/metrics`` (``pacsnode serve`` and ``pacsnode api``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="listen address; loopback by default: expose it deliberately, "
+        "behind a TLS proxy",
+    )
+    bootstrap_token: str = Field(
+        default="",
+        description="an admin token accepted besides those created with `pacsnode tokens create`, "
+        "for automated set-ups; at least 32 characters, never a placeholder",
+    )
+    open_metrics: bool = Field(
+        default=False, description="serve /metrics without a token (a scraper on a trusted network)"
+    )
+
+    @field_validator("bootstrap_token")
+    @classmethod
+    def _no_placeholder(cls, value: str) -> str:
+        if value and (value.strip().lower() in PLACEHOLDER_SECRETS or len(value) < 32):
+            raise ValueError(
+                "refusing a placeholder or short secret: generate one with "
+                "`pacsnode tokens create --role admin` or use at least 32 random characters"
+            )
+        return value
+
+
 class Settings(BaseSettings):
     """Effective configuration of one pacsnode installation."""
 
@@ -240,7 +277,12 @@ class Settings(BaseSettings):
     dicom_port: int = Field(
         default=11112, ge=0, le=65535, description="DICOM port (0 = any free port)"
     )
-    http_port: int = Field(default=8000, ge=1, le=65535, description="HTTP API port")
+    http_port: int = Field(
+        default=8000, ge=0, le=65535, description="HTTP API and dashboard port (0 = any free port)"
+    )
+    api: ApiSettings = Field(
+        default=ApiSettings(), description="HTTP API and dashboard: bind host, tokens, metrics"
+    )
     data_dir: Path = Field(
         default=Path.home() / ".local" / "share" / "pacsnode",
         description="spool, results, preprocessing cache, embedded broker, default SQLite database",
@@ -381,6 +423,8 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         data["database_url"] = _mask_url(self.effective_database_url)
         data["broker_url"] = _mask_url(self.broker_url)
+        if self.api.bootstrap_token:
+            data["api"]["bootstrap_token"] = "***"
         return data
 
     @classmethod

@@ -24,7 +24,7 @@ from pynetdicom.events import Event
 
 from pacsnode.errors import NonConformantDataset
 from scp.dataset import instance_record, read_header
-from scp.indexer import GroupCommitIndexer, group_key
+from scp.indexer import AssociationSummary, GroupCommitIndexer, group_key
 from scp.policy import AssociationGate
 from scp.spool import Spool
 from scp.status import StoreStatus, dimse_status
@@ -152,14 +152,27 @@ def handle_closed(event: Event, gate: AssociationGate) -> None:
     gate.closed(event.assoc)
 
 
+def _summary(assoc: Association, tally: _Tally) -> AssociationSummary:
+    requestor = assoc.requestor
+    return AssociationSummary(
+        ae_title=str(requestor.ae_title).strip(),
+        host=str(requestor.address),
+        port=int(requestor.port or 0),
+        stored=tally.stored,
+        refused=tally.failed,
+    )
+
+
 def handle_released(event: Event, assoc_log: AssociationLog, indexer: GroupCommitIndexer) -> None:
     tally = assoc_log.finish(event.assoc, "released")
-    indexer.association_ended(sorted(tally.groups), released=True)
+    summary = _summary(event.assoc, tally)
+    indexer.association_ended(sorted(tally.groups), released=True, summary=summary)
 
 
 def handle_aborted(event: Event, assoc_log: AssociationLog, indexer: GroupCommitIndexer) -> None:
     tally = assoc_log.finish(event.assoc, "aborted")
-    indexer.association_ended(sorted(tally.groups), released=False)
+    summary = _summary(event.assoc, tally)
+    indexer.association_ended(sorted(tally.groups), released=False, summary=summary)
 
 
 def handlers(

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine
 
+from db import audit
 from db.assembly import Arrival, close_associations, note_arrivals
 from db.index import InstanceRecord, SeriesCache, upsert_instances
 from pacsnode.errors import IndexUnavailable
@@ -39,10 +40,22 @@ class _Store:
 
 
 @dataclass(frozen=True)
+class AssociationSummary:
+    """What an association did, for its audit row (PS3.8 A-RELEASE/A-ABORT)."""
+
+    ae_title: str
+    host: str
+    port: int
+    stored: int
+    refused: int
+
+
+@dataclass(frozen=True)
 class _Close:
     key_uids: tuple[str, ...]
     released: bool
     at: datetime
+    summary: AssociationSummary | None = None
 
 
 def group_key(record: InstanceRecord, grouping: str) -> str:
@@ -83,11 +96,17 @@ class GroupCommitIndexer:
         except TimeoutError:
             raise IndexUnavailable("the index did not commit in time") from None
 
-    def association_ended(self, key_uids: Sequence[str], released: bool) -> None:
+    def association_ended(
+        self,
+        key_uids: Sequence[str],
+        released: bool,
+        summary: AssociationSummary | None = None,
+    ) -> None:
         """Record (without waiting) that an association which sent these
-        groups was released or aborted."""
-        if key_uids:
-            self._queue.put(_Close(tuple(key_uids), released, datetime.now(UTC)))
+        groups was released or aborted, with its audit row when ``summary``
+        is given (in the same transaction)."""
+        if key_uids or summary is not None:
+            self._queue.put(_Close(tuple(key_uids), released, datetime.now(UTC), summary))
 
     def close(self) -> None:
         self._queue.put(_STOP)
@@ -153,7 +172,10 @@ class GroupCommitIndexer:
             conn = self._connection()
             with conn.begin():
                 for close in closes:
-                    close_associations(conn, close.key_uids, close.released, close.at)
+                    if close.key_uids:
+                        close_associations(conn, close.key_uids, close.released, close.at)
+                    if close.summary is not None:
+                        _audit_association(conn, close)
         except Exception as exc:
             # The assembler's quiet period still completes these groups.
             self._reset_connection()
@@ -182,3 +204,17 @@ class GroupCommitIndexer:
             return
         for item in batch:
             item.done.set_result(None)
+
+
+def _audit_association(conn: Connection, close: _Close) -> None:
+    assert close.summary is not None
+    s = close.summary
+    audit.record(
+        conn,
+        audit.Actor("dicom", s.ae_title, f"{s.host}:{s.port}"),
+        "association.released" if close.released else "association.aborted",
+        target=f"{len(close.key_uids)} group(s)",
+        outcome="ok" if s.refused == 0 else "partial",
+        detail={"stored": s.stored, "refused": s.refused, "groups": list(close.key_uids)},
+        at=close.at,
+    )

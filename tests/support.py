@@ -63,6 +63,7 @@ class Node:
     env_extra: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[str] | None = None
     port: int = 0
+    api_url: str = ""
     ae_title: str = "PACSNODE"
     output: list[str] = field(default_factory=list)
     serve_args: list[str] = field(default_factory=list)  # e.g. ["--no-worker"]
@@ -77,6 +78,7 @@ class Node:
             "PACSNODE_DATABASE_URL": self.database_url,
             "PACSNODE_DICOM_HOST": "127.0.0.1",
             "PACSNODE_DICOM_PORT": "0",
+            "PACSNODE_HTTP_PORT": "0",
             "PACSNODE_AE_TITLE": self.ae_title,
             **self.env_extra,
         }
@@ -98,6 +100,8 @@ class Node:
             assert self.process is not None and self.process.stdout is not None
             for line in self.process.stdout:
                 self.output.append(line)
+                if line.startswith("pacsnode api:"):
+                    self.api_url = line.split(":", 1)[1].strip()
                 if line.startswith("pacsnode ready:"):
                     self.port = int(line.rsplit(":", 1)[1])
                     ready.set()

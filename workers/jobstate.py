@@ -9,6 +9,7 @@ keyed by the job id, so repeating one is harmless.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, func, select, update
@@ -88,3 +89,15 @@ def mark_failed(conn: Connection, job_id: int, reason: str) -> None:
 def counts(conn: Connection) -> dict[str, int]:
     rows = conn.execute(select(Job.state, func.count()).group_by(Job.state))
     return {state: int(n) for state, n in rows}
+
+
+def requeue_failed(conn: Connection, ids: Sequence[int] | None = None) -> list[int]:
+    """An operator's retry: failed jobs (all, or those in ``ids``) back to
+    pending, for the dispatcher to publish again. Returns the ids."""
+    where = [Job.state == "failed"]
+    if ids is not None:
+        where.append(Job.id.in_(list(ids)))
+    rows = conn.execute(
+        update(Job).where(*where).values(state="pending", error="").returning(Job.id)
+    )
+    return sorted(int(i) for i in rows.scalars())

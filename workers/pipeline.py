@@ -23,7 +23,9 @@ from sqlalchemy import Engine, select
 
 from db.exports import destinations_for, enqueue_exports
 from db.models import Instance, Job, Series, Study
+from db.modelswitch import effective_disabled, switches
 from db.results import replace_results
+from db.stats import record_timings
 from models.manifest import SeriesInfo
 from models.registry import RegisteredModel, Registry
 from pacsnode.settings import Destination, Settings
@@ -71,6 +73,8 @@ class JobContext:
     results: list[ModelResult] = field(default_factory=list)
     outputs: list[OutputObject] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # disabled_models after the administrators' switches (db.modelswitch)
+    disabled: tuple[str, ...] = ()
 
 
 @cache
@@ -79,8 +83,16 @@ def _registry(models_dir: Path, disabled: tuple[str, ...]) -> Registry:
     return Registry.load(models_dir, disabled)
 
 
-def registry(settings: Settings) -> Registry:
-    return _registry(settings.models_dir, tuple(settings.disabled_models))
+def registry(ctx: JobContext) -> Registry:
+    """The models as switched for this job (read when it started)."""
+    return _registry(ctx.settings.models_dir, ctx.disabled)
+
+
+def switched_off(engine: Engine, settings: Settings) -> tuple[str, ...]:
+    """The setting's disabled models after the administrators' switches."""
+    with engine.connect() as conn:
+        found = switches(conn)
+    return effective_disabled(settings.disabled_models, found)
 
 
 def load(ctx: JobContext, engine: Engine) -> None:
@@ -148,7 +160,7 @@ def preprocess(ctx: JobContext, engine: Engine) -> None:
     inputs preprocessed (cached under ``<data_dir>/cache/preprocessed``, so
     models sharing a spec, and re-runs, share the work)."""
     cache = PreprocessCache(ctx.settings.data_dir / "cache" / "preprocessed")
-    models = registry(ctx.settings)
+    models = registry(ctx)
     for series in ctx.series:
         volume = load_series(series.paths)
         ctx.volumes[series.series_instance_uid] = volume
@@ -169,7 +181,7 @@ def preprocess(ctx: JobContext, engine: Engine) -> None:
 
 def infer(ctx: JobContext, engine: Engine) -> None:
     """The selected models on each series (workers.infer)."""
-    models = registry(ctx.settings)
+    models = registry(ctx)
     for series in ctx.series:
         uid = series.series_instance_uid
 
@@ -222,9 +234,7 @@ def encode(ctx: JobContext, engine: Engine) -> None:
         for s in ctx.series
         if s.series_instance_uid in used
     }
-    manifests = {
-        (m.manifest.name, m.manifest.version): m.manifest for m in registry(ctx.settings).models
-    }
+    manifests = {(m.manifest.name, m.manifest.version): m.manifest for m in registry(ctx).models}
     objects = encode_job(
         ctx.study_instance_uid,
         ctx.job_id,
@@ -305,12 +315,18 @@ def run(
     """Run ``stages`` of job ``job_id`` in pipeline order; exceptions
     propagate to the task."""
     ctx = JobContext(job_id=job_id, study_instance_uid="", settings=settings)
+    ctx.disabled = switched_off(engine, settings)
     for name, stage in STAGES:
         if name not in stages:
             continue
         started = time.perf_counter()
         stage(ctx, engine)
         ctx.timings[name] = time.perf_counter() - started
+    # For the stats endpoint and /metrics (db.stats); the forward passes per model too.
+    with engine.begin() as conn:
+        record_timings(
+            conn, job_id, ctx.timings, [(r.model.name, r.forward_s) for r in ctx.results]
+        )
     log.info(
         "job %d study %s: %d volume series, %d other series skipped, %d model result(s), stages %s",
         job_id,

@@ -1,0 +1,59 @@
+"""The FastAPI application: ``/api/v1`` (one router per resource),
+``/healthz``, ``/readyz``, ``/metrics``, and the dashboard under ``/ui``."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import Engine
+
+from db.session import create_db_engine
+from pacsnode.api import dashboard, metrics
+from pacsnode.api.deps import require_read
+from pacsnode.api.routes import exports, health, jobs, models, results, stats, studies
+from pacsnode.settings import Settings
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    app = FastAPI(
+        title="pacsnode admin API",
+        version="1",
+        description="Studies, jobs, results, exports, models and statistics of one pacsnode. "
+        "Bearer tokens: `pacsnode tokens create --role read|admin`. The bundled models "
+        "are for demonstration and testing, not clinical use.",
+    )
+
+    @app.middleware("http")
+    async def refuse_control_characters(request: Request, call_next: Any) -> Any:
+        # A NUL cannot be stored in PostgreSQL text nor appear in a DICOM UID
+        # or LO value (PS3.5 §6.2): refuse it here with a clear answer.
+        raw = unquote(request.url.path + "?" + (request.url.query or ""))
+        if any(ord(ch) < 0x20 for ch in raw):
+            return JSONResponse(
+                {"detail": "control characters are not allowed in the path or query"}, 400
+            )
+        return await call_next(request)
+
+    app.state.settings = settings
+    app.state.engine = engine or create_db_engine(settings.effective_database_url)
+    api = APIRouter(prefix=API_PREFIX)
+    for module in (studies, jobs, results, exports, models, stats):
+        api.include_router(module.router)
+    app.include_router(api)
+    app.include_router(health.router)
+    app.include_router(dashboard.router)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def prometheus(request: Request) -> Response:
+        """Prometheus text format; needs a read token unless ``api.open_metrics``."""
+        if not settings.api.open_metrics:
+            require_read(request, settings, app.state.engine)
+        body = metrics.render(app.state.engine, settings)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
