@@ -481,5 +481,10 @@ def evaluate(
         raise typer.Exit(1)
 
 
+from pacsnode.cli_training import export_training  # noqa: E402
+
+app.command("export-training")(export_training)
+
+
 def main() -> None:
     app()

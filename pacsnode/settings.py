@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pacsnode.errors import ConfigError
+from pacsnode.tls import ClientTLS, ServerTLS
 
 CONFIG_ENV = "PACSNODE_CONFIG"
 # The demonstration models shipped with pacsnode (DESIGN §4), in the ``models``
@@ -131,6 +132,7 @@ class Destination(BaseModel):
     ae_title: AETitle
     host: Host
     port: int = Field(ge=1, le=65535)
+    tls: ClientTLS | None = None  # None: plain TCP (PS3.15 B.9 when set)
 
 
 SENDER = "@sender"  # export rule destination: the AE that sent the study
@@ -204,6 +206,8 @@ class Settings(BaseSettings):
     scp_processes: int = Field(default=0, ge=0, le=64, description="0 = one per CPU core")
     min_free_disk_mb: int = Field(default=1024, ge=0)
     max_pdu_size: int = Field(default=262_144, ge=0)
+    # TLS on the DICOM port (pacsnode.tls); None: plain TCP.
+    tls: ServerTLS | None = None
     network_timeout_s: float = Field(default=60.0, gt=0)
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     # One sub-folder per model (manifest.yaml + weights), checked at start-up.

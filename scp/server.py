@@ -11,6 +11,7 @@ worker that dies and stops them all on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import logging
@@ -19,6 +20,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -49,6 +51,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from db.session import create_db_engine
 from pacsnode.settings import Settings
+from pacsnode.tls import server_context
 from scp.handlers import handlers
 from scp.indexer import GroupCommitIndexer
 from scp.policy import AssociationGate
@@ -97,6 +100,31 @@ class _BulkRecvSocket(AssociationSocket):
 
 
 class _RequestHandler(RequestHandler):
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket) and not self._handshake(self.request):
+            return
+        super().handle()
+
+    def _handshake(self, sock: ssl.SSLSocket) -> bool:
+        """The TLS handshake, in this connection's own thread: a peer that
+        speaks plain DICOM, a bad certificate or a silent client costs this
+        thread at most the ACSE timeout, never the accepting loop."""
+        sock.settimeout(self.server.ae.acse_timeout)
+        try:
+            sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, ssl.SSLError) else None
+            log.warning(
+                "TLS handshake with %s:%d failed: %s",
+                *self.client_address[:2],
+                reason or type(exc).__name__,
+            )
+            with contextlib.suppress(OSError):
+                sock.close()
+            return False
+        sock.settimeout(None)
+        return True
+
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         # Same object, with the faster recv() (pynetdicom creates the socket
@@ -157,6 +185,11 @@ class _PreboundServer(ThreadedAssociationServer):
         client, address = self._listener.accept()
         client.setblocking(True)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            # The handshake happens in the connection's thread (_RequestHandler).
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
         return client, address
 
 
@@ -236,6 +269,7 @@ def run_worker(
         listener.getsockname()[:2],
         settings.ae_title,
         _Contexts(ae.supported_contexts),
+        ssl_context=server_context(settings.tls) if settings.tls else None,
         evt_handlers=handlers(spool, indexer, gate) + query_retrieve_handlers(engine, settings),
         request_handler=_RequestHandler,
     )
@@ -303,6 +337,14 @@ def _service_main(name: str, target: Service, settings: Settings) -> None:
     target(settings, stop)
 
 
+def _transport(settings: Settings) -> str:
+    if settings.tls is None:
+        return "plain TCP"
+    if settings.tls.require_client_cert:
+        return "TLS, client certificate required"
+    return "TLS"
+
+
 class SCPSupervisor:
     """Pre-forks the SCP workers and the node's other services (each
     ``(name, function(settings, stop_event))`` in its own process) and keeps
@@ -349,10 +391,11 @@ class SCPSupervisor:
         for slot in range(len(self._procs)):
             self._spawn(slot)
         log.info(
-            "storage SCP %s listening on %s:%d with %d process(es)",
+            "storage SCP %s listening on %s:%d (%s) with %d process(es)",
             self.settings.ae_title,
             self.settings.dicom_host,
             self.port,
+            _transport(self.settings),
             self._n,
         )
         while not self._stop.wait(0.5):
