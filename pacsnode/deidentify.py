@@ -22,10 +22,11 @@ Identity Removed YES, De-identification Method and its code sequence (DCM
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # PS3.16 CID 7050 De-identification Method
 _BASIC_PROFILE = ("113100", "DCM", "Basic Application Confidentiality Profile")
-_METHOD = "PS3.15 E.1 Basic Application Level Confidentiality Profile (dicom-anonymizer)"
+_METHOD = "PS3.15 Table E.1-1 Basic Profile (dicom-anonymizer)"  # LO: 64 characters
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,26 @@ def _uid_mapping() -> Iterator[None]:
 
 def deidentify_dataset(ds: Dataset) -> Dataset:
     """Apply the Basic Profile to ``ds`` in place (within :func:`_uid_mapping`)."""
-    from dicomanonymizer import anonymize_dataset
+    from dicomanonymizer import anonymize_dataset, initialize_actions
 
-    anonymize_dataset(ds, delete_private_tags=True)
+    actions = initialize_actions()
+    anonymize_dataset(ds, delete_private_tags=True, base_rules_gen=lambda: dict(actions))
+
+    # PS3.15 E.1.1: the profile applies to every occurrence of an attribute,
+    # also inside sequence items (a SEG's and an SR's references to their
+    # source images, for one); dicom-anonymizer's table actions only look at
+    # the top level, so each item gets the actions of the attributes it holds,
+    # depth first. (The repeating-group actions, overlays and curves, already
+    # walked the whole tree.)
+    def item_actions(item: Dataset) -> dict[Any, Any]:
+        held = ((e.tag.group, e.tag.element) for e in item)
+        return {tag: actions[tag] for tag in held if tag in actions}
+
+    def apply(item: Dataset) -> None:
+        rules = item_actions(item)
+        anonymize_dataset(item, delete_private_tags=True, base_rules_gen=lambda: rules)
+
+    _items(ds, apply)
     # The File Meta Information must agree with the new SOP Instance UID (PS3.10 7.1).
     if "SOPInstanceUID" in ds and getattr(ds, "file_meta", None) is not None:
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -112,6 +130,14 @@ def deidentify_dataset(ds: Dataset) -> Dataset:
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = _BASIC_PROFILE
     ds.DeidentificationMethodCodeSequence = [code]
     return ds
+
+
+def _items(ds: Dataset, apply: Callable[[Dataset], None]) -> None:
+    for element in list(ds):
+        if element.VR == "SQ" and element.tag in ds:
+            for item in element.value:
+                apply(item)
+                _items(item, apply)
 
 
 def export_deidentified(
