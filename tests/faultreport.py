@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from sqlalchemy import func, select
 
@@ -99,6 +101,14 @@ def fault_report(request: pytest.FixtureRequest) -> Callable[..., FaultRow]:
         return row
 
     return record
+
+
+def sop_uids(folder: Path) -> set[str]:
+    """SOP Instance UIDs of the DICOM files below ``folder``."""
+    return {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in folder.rglob("*.dcm")
+    }
 
 
 def lost_and_duplicated(acknowledged: Iterable[str], stored: Counter[str]) -> tuple[int, int]:
