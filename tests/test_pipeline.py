@@ -192,8 +192,9 @@ def test_broker_restarted_while_studies_arrive(
     node = make_node(config=config, env_extra={"PACSNODE_BROKER_URL": url}).start()
 
     def send(k: int) -> None:
-        write_ct_series(tmp_path / f"s{k}", SeriesSpec(slices=4, rows=32, columns=32, seed=20 + k))
-        storescu(node, tmp_path / f"s{k}")
+        folder = tmp_path / "in" / f"s{k}"
+        write_ct_series(folder, SeriesSpec(slices=4, rows=32, columns=32, seed=20 + k))
+        storescu(node, folder)
 
     send(0)
     wait_for(lambda: finished(node, 1), timeout=60, what="the first job, Redis up")
@@ -209,7 +210,7 @@ def test_broker_restarted_while_studies_arrive(
     done = wait_for(lambda: finished(node, 4), timeout=90, what="all jobs after Redis is back")
     assert [(j.state, j.attempts) for j in done] == [("succeeded", 1)] * 4
     book = ledger(node.database_url)
-    sent = sop_uids(tmp_path)
+    sent = sop_uids(tmp_path / "in")
     lost, duplicated = lost_and_duplicated(sent, book.instances)
     fault_report(
         "Redis restarted during ingest",
