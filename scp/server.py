@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _REACTOR_WAIT_S = 0.02
 _DUL_IDLE_SLEEP_S = 0.0002
+_MIN_PDU_LIMIT = 1 << 20
 
 
 class _WaitingDIMSE(DIMSEServiceProvider):
@@ -85,7 +86,18 @@ class _BulkRecvSocket(AssociationSocket):
     buffer extensions per 512x512 CT image; this reads straight into one
     buffer of the PDU's size."""
 
+    # The largest PDU accepted, 0: any. A PDU's length field is read before
+    # its body, and this class allocates the body's buffer at once: a hostile
+    # length (up to 4 GiB) must be refused before that, not allocated.
+    pdu_limit = 0
+
     def recv(self, nr_bytes: int) -> bytearray:
+        if self.pdu_limit and nr_bytes > self.pdu_limit:
+            # pynetdicom treats this as the transport closing (Evt17): the
+            # association ends without reading the body.
+            raise ConnectionAbortedError(
+                f"PDU of {nr_bytes} bytes is over the limit of {self.pdu_limit}"
+            )
         sock = cast(socket.socket, self.socket)
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
@@ -130,6 +142,12 @@ class _RequestHandler(RequestHandler):
         # Same object, with the faster recv() (pynetdicom creates the socket
         # inside this method and offers no hook for its class).
         assoc.dul.socket.__class__ = _BulkRecvSocket
+        # PS3.8 9.3.1: P-DATA-TF PDUs stay within the Maximum Length the node
+        # announces; other PDUs are small (an A-ASSOCIATE-RQ with 128
+        # contexts is tens of kilobytes).
+        if self.server.ae.maximum_pdu_size:
+            limit = max(self.server.ae.maximum_pdu_size, _MIN_PDU_LIMIT)
+            cast(_BulkRecvSocket, assoc.dul.socket).pdu_limit = limit
         assoc.dimse = _WaitingDIMSE(assoc)
         # The DUL thread sleeps this long whenever it found nothing to do; it
         # is the delay before a C-STORE response leaves (pynetdicom: 1 ms).
