@@ -28,7 +28,16 @@ from tests.support import IN_CI, Node, free_port, node_config, storescu, wait_fo
 from tests.test_assembly import FAST, jobs
 from tests.test_pipeline import finished
 
-PG_BIN = Path(os.environ.get("PACSNODE_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """The newest installed PostgreSQL server's binaries (Debian layout)."""
+    if "PACSNODE_TEST_PG_BIN" in os.environ:
+        return Path(os.environ["PACSNODE_TEST_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 
 
 @dataclass
