@@ -16,6 +16,12 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from models.phantom import SeriesSpec, ct_series_datasets
+from scp import reactor
+
+# The senders are pynetdicom SCUs too: without the node's reactor checkpoint,
+# about one C-STORE in a few thousand loses its response to the association's
+# own reactor and waits for the DIMSE timeout (scp/reactor.py).
+reactor.install()
 
 
 @dataclass
@@ -72,6 +78,8 @@ def send_concurrently(
             return
         try:
             for ds in datasets:
+                if not assoc.is_established:  # aborted: the rest is not sent
+                    break
                 started = time.perf_counter()
                 rsp = assoc.send_c_store(ds)
                 took = time.perf_counter() - started
@@ -84,7 +92,8 @@ def send_concurrently(
                     else:
                         result.refused[str(ds.SOPInstanceUID)] = status
         finally:
-            assoc.release()
+            if assoc.is_established:
+                assoc.release()
 
     threads = [threading.Thread(target=sender, args=(s,)) for s in series]
     started = time.perf_counter()
