@@ -503,6 +503,10 @@ def evaluate(
 
 cli_admin.register(app)  # jobs, results, models, stats, audit, tokens, api
 
+from pacsnode.cli_training import export_training  # noqa: E402
+
+app.command("export-training")(export_training)
+
 
 def main() -> None:
     app()

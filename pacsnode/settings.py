@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pacsnode.errors import ConfigError
+from pacsnode.tls import ClientTLS, ServerTLS
 
 CONFIG_ENV = "PACSNODE_CONFIG"
 # The demonstration models shipped with pacsnode (DESIGN §4), in the ``models``
@@ -147,6 +148,9 @@ class Destination(BaseModel):
     ae_title: AETitle = Field(description="its called AE title")
     host: Host = Field(description="its address or host name")
     port: int = Field(ge=1, le=65535, description="its DICOM port")
+    tls: ClientTLS | None = Field(
+        default=None, description="TLS to this destination (PS3.15 B.9); null: plain TCP"
+    )
 
 
 SENDER = "@sender"  # export rule destination: the AE that sent the study
@@ -326,6 +330,9 @@ class Settings(BaseSettings):
     )
     max_pdu_size: int = Field(
         default=262_144, ge=0, description="largest PDU the node accepts (0 = unlimited)"
+    )
+    tls: ServerTLS | None = Field(
+        default=None, description="TLS on the DICOM port (PS3.15 B.9); null: plain TCP"
     )
     network_timeout_s: float = Field(
         default=60.0, gt=0, description="idle association and DIMSE timeout"

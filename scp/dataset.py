@@ -8,7 +8,6 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
@@ -64,7 +63,10 @@ def read_header(source: bytes | Path) -> Dataset:
             with source.open("rb") as fp:
                 return read_partial(fp, stop_when=_past_header)
         return read_partial(BytesIO(source), stop_when=_past_header)
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
+    # Untrusted bytes: any parser failure (pydicom raises ValueError,
+    # NotImplementedError for an unknown VR, BytesLengthException, ...; the
+    # fuzzing in tests/test_hostile.py found several) means "cannot understand".
+    except Exception as exc:
         raise InvalidDataset(f"the data set cannot be parsed: {type(exc).__name__}") from None
 
 
@@ -78,10 +80,10 @@ def instance_record(
     received_at: datetime,
 ) -> InstanceRecord:
     """Build the index record, checking the UIDs the node files instances by."""
-    study_uid = _uid(ds, "StudyInstanceUID")
-    series_uid = _uid(ds, "SeriesInstanceUID")
-    sop_uid = _uid(ds, "SOPInstanceUID")
-    try:
+    try:  # elements are decoded lazily: a corrupt one fails here, not in read_header
+        study_uid = _uid(ds, "StudyInstanceUID")
+        series_uid = _uid(ds, "SeriesInstanceUID")
+        sop_uid = _uid(ds, "SOPInstanceUID")
         return InstanceRecord(
             patient_id=_text(ds, "PatientID", 64),
             issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),

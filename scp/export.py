@@ -42,6 +42,7 @@ from sqlalchemy import Engine
 
 from db import exports
 from pacsnode.settings import Destination, Settings
+from pacsnode.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +175,13 @@ def _associate(
     ae.requested_contexts = [build_context(sop, list(ts)) for sop, ts in contexts]
     connected: list[bool] = []
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    tls = destination.tls
     assoc = ae.associate(
         destination.host,
         destination.port,
         ae_title=destination.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+        tls_args=(client_context(tls), destination.host) if tls else None,
     )
     if assoc.is_established:
         return assoc
@@ -187,11 +190,13 @@ def _associate(
         reason = f"association rejected by {where}: {rj.result_str}, {rj.reason_str}"
     elif not connected:
         reason = (
-            f"cannot connect to {where} (connection refused, host unreachable "
-            f"or no answer within {timeout:g} s)"
+            f"cannot connect to {where} (connection refused, host unreachable, "
+            f"no answer within {timeout:g} s{', or TLS handshake failed' if tls else ''})"
         )
     elif assoc.is_aborted:
         reason = f"association aborted by {where} during negotiation"
+        if tls:  # TLS 1.3 reports a refused client certificate only after the handshake
+            reason += " (TLS: is our client certificate accepted there?)"
     else:
         reason = f"no association with {where} (no answer within {timeout:g} s)"
     return SendOutcome(False, reason=reason, reached=False)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from db import audit
 from db.assembly import Arrival, close_associations, note_arrivals
@@ -181,7 +182,7 @@ class GroupCommitIndexer:
             self._reset_connection()
             log.error("recording the end of an association failed: %s", type(exc).__name__)
 
-    def _commit(self, batch: list[_Store]) -> None:
+    def _commit(self, batch: list[_Store], fresh: bool = False) -> None:
         try:
             conn = self._connection()
             with conn.begin():
@@ -191,6 +192,13 @@ class GroupCommitIndexer:
         except Exception as exc:  # the writer thread must outlive any error
             self._series.clear()  # a cached row may be what failed
             self._reset_connection()
+            if not fresh and isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                # The held connection died (database restarted or failed
+                # over): the transaction rolled back, so the same batch goes
+                # again once on a new connection instead of refusing it.
+                log.warning("index connection lost; reconnecting")
+                self._commit(batch, fresh=True)
+                return
             if len(batch) > 1:
                 # One bad record must not fail its neighbours: retry one by one.
                 for item in batch:

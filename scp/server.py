@@ -11,6 +11,7 @@ worker that dies and stops them all on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import logging
@@ -19,6 +20,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -49,6 +51,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from db.session import create_db_engine
 from pacsnode.settings import Settings
+from pacsnode.tls import server_context
 from scp.handlers import handlers
 from scp.indexer import GroupCommitIndexer
 from scp.policy import AssociationGate
@@ -60,6 +63,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _REACTOR_WAIT_S = 0.02
 _DUL_IDLE_SLEEP_S = 0.0002
+_MIN_PDU_LIMIT = 1 << 20
 
 
 class _WaitingDIMSE(DIMSEServiceProvider):
@@ -82,7 +86,18 @@ class _BulkRecvSocket(AssociationSocket):
     buffer extensions per 512x512 CT image; this reads straight into one
     buffer of the PDU's size."""
 
+    # The largest PDU accepted, 0: any. A PDU's length field is read before
+    # its body, and this class allocates the body's buffer at once: a hostile
+    # length (up to 4 GiB) must be refused before that, not allocated.
+    pdu_limit = 0
+
     def recv(self, nr_bytes: int) -> bytearray:
+        if self.pdu_limit and nr_bytes > self.pdu_limit:
+            # pynetdicom treats this as the transport closing (Evt17): the
+            # association ends without reading the body.
+            raise ConnectionAbortedError(
+                f"PDU of {nr_bytes} bytes is over the limit of {self.pdu_limit}"
+            )
         sock = cast(socket.socket, self.socket)
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
@@ -97,11 +112,42 @@ class _BulkRecvSocket(AssociationSocket):
 
 
 class _RequestHandler(RequestHandler):
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket) and not self._handshake(self.request):
+            return
+        super().handle()
+
+    def _handshake(self, sock: ssl.SSLSocket) -> bool:
+        """The TLS handshake, in this connection's own thread: a peer that
+        speaks plain DICOM, a bad certificate or a silent client costs this
+        thread at most the ACSE timeout, never the accepting loop."""
+        sock.settimeout(self.server.ae.acse_timeout)
+        try:
+            sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, ssl.SSLError) else None
+            log.warning(
+                "TLS handshake with %s:%d failed: %s",
+                *self.client_address[:2],
+                reason or type(exc).__name__,
+            )
+            with contextlib.suppress(OSError):
+                sock.close()
+            return False
+        sock.settimeout(None)
+        return True
+
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         # Same object, with the faster recv() (pynetdicom creates the socket
         # inside this method and offers no hook for its class).
         assoc.dul.socket.__class__ = _BulkRecvSocket
+        # PS3.8 9.3.1: P-DATA-TF PDUs stay within the Maximum Length the node
+        # announces; other PDUs are small (an A-ASSOCIATE-RQ with 128
+        # contexts is tens of kilobytes).
+        if self.server.ae.maximum_pdu_size:
+            limit = max(self.server.ae.maximum_pdu_size, _MIN_PDU_LIMIT)
+            cast(_BulkRecvSocket, assoc.dul.socket).pdu_limit = limit
         assoc.dimse = _WaitingDIMSE(assoc)
         # The DUL thread sleeps this long whenever it found nothing to do; it
         # is the delay before a C-STORE response leaves (pynetdicom: 1 ms).
@@ -157,6 +203,11 @@ class _PreboundServer(ThreadedAssociationServer):
         client, address = self._listener.accept()
         client.setblocking(True)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            # The handshake happens in the connection's thread (_RequestHandler).
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
         return client, address
 
 
@@ -236,6 +287,7 @@ def run_worker(
         listener.getsockname()[:2],
         settings.ae_title,
         _Contexts(ae.supported_contexts),
+        ssl_context=server_context(settings.tls) if settings.tls else None,
         evt_handlers=handlers(spool, indexer, gate) + query_retrieve_handlers(engine, settings),
         request_handler=_RequestHandler,
     )
@@ -303,6 +355,14 @@ def _service_main(name: str, target: Service, settings: Settings) -> None:
     target(settings, stop)
 
 
+def _transport(settings: Settings) -> str:
+    if settings.tls is None:
+        return "plain TCP"
+    if settings.tls.require_client_cert:
+        return "TLS, client certificate required"
+    return "TLS"
+
+
 class SCPSupervisor:
     """Pre-forks the SCP workers and the node's other services (each
     ``(name, function(settings, stop_event))`` in its own process) and keeps
@@ -349,10 +409,11 @@ class SCPSupervisor:
         for slot in range(len(self._procs)):
             self._spawn(slot)
         log.info(
-            "storage SCP %s listening on %s:%d with %d process(es)",
+            "storage SCP %s listening on %s:%d (%s) with %d process(es)",
             self.settings.ae_title,
             self.settings.dicom_host,
             self.port,
+            _transport(self.settings),
             self._n,
         )
         while not self._stop.wait(0.5):

@@ -11,6 +11,8 @@ from sqlalchemy.engine import make_url
 
 from tests.support import IN_CI, Node, node_config
 
+pytest_plugins = ["tests.faultreport"]
+
 POSTGRES_URL = os.environ.get(
     "PACSNODE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )

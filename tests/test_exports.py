@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ from models.phantom import SeriesSpec, write_ct_series
 from pacsnode.dispatcher import ExportPublisher
 from pacsnode.settings import Destination, ExportPolicy, Settings, load_settings
 from scp.export import run_due, send_batch
+from tests.faultreport import ledger
 from tests.support import Node, free_port, node_config, require_binary, storescu, wait_for
 from tests.test_index import _record
 from workers.celery_app import make_app
@@ -523,9 +525,11 @@ NEVER = {"debounce_s": 3000, "quiet_period_s": 3000, "max_wait_s": 3000}
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_node_delivers_due_exports_after_the_destination_returns(
-    make_node: Any, database_url: str, storescp: StoreSCP, tmp_path: Path
+    make_node: Any, database_url: str, storescp: StoreSCP, tmp_path: Path, fault_report: Any
 ) -> None:
+    started = time.monotonic()
     config = node_config(
         completion=NEVER, exports={"initial_backoff_s": 0.5, "max_backoff_s": 1, "jitter": 0.2}
     )
@@ -560,7 +564,19 @@ def test_node_delivers_due_exports_after_the_destination_returns(
     wait_for(lambda: states() == {"sent"}, timeout=60, what="exports sent")
     with engine.connect() as conn:
         uids = set(conn.execute(select(Instance.sop_instance_uid)).scalars())
-    assert storescp.received() == Counter(uids)
+    received = storescp.received()
+    book = ledger(database_url)
+    fault_report(
+        "destination down, then back (storescp)",
+        sent=3,
+        acked=3,
+        stored=len(book.instances),
+        exports=book.exports_sent,
+        lost=len(set(uids) - set(received)),
+        duplicated=sum(n - 1 for n in received.values()) + book.export_duplicates,
+        seconds=time.monotonic() - started,
+    )
+    assert received == Counter(uids)
     assert storescp.associations() == 1  # the rows failed together and came back together
     log = node.log()
     assert "export to pacs (STORESCP@127.0.0.1" in log and "cannot connect" in log

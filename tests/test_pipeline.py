@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ import pytest
 import redis
 
 from models.phantom import SeriesSpec, ct_series_datasets, write_ct_series
+from tests.faultreport import ledger, lost_and_duplicated, sop_uids
 from tests.support import IN_CI, Node, free_port, node_config, require_binary, storescu, wait_for
 from tests.test_assembly import FAST, jobs
 
+NO_MODELS = ["ct-lesion-classifier", "ct-lesion-segmenter", "ct-lesion-sequence", "ct-ood-gate"]
 REDIS_URL = os.environ.get("PACSNODE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
@@ -91,26 +94,47 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_worker_killed_mid_task_is_redelivered_and_completes_once(
-    pipeline_node: Node, tmp_path: Path
+def test_worker_killed_during_inference_is_redelivered_and_completes_once(
+    pipeline_node: Node, tmp_path: Path, fault_report: Any
 ) -> None:
-    # Big enough that the task is still running when it is killed.
-    write_ct_series(tmp_path / "ct", SeriesSpec(slices=160, rows=512, columns=512, seed=13))
+    started = time.monotonic()
+    write_ct_series(tmp_path / "ct", SeriesSpec(slices=40, rows=128, columns=128, seed=13))
     storescu(pipeline_node, tmp_path / "ct")
+    # The models' task (gpu queue) has started: loading TensorFlow and the
+    # models alone takes seconds, so the kill lands inside inference.
     wait_for(
-        lambda: [j for j in jobs(pipeline_node) if j.state == "running"],
-        timeout=60,
-        what="the job to start",
+        lambda: "Task pacsnode.infer_job[" in pipeline_node.log(),
+        timeout=90,
+        what="the inference task to start",
     )
     assert pipeline_node.process is not None
     # serve → worker service → its pool process, which runs the task.
     pool = [g for c in _children(pipeline_node.process.pid) for g in _children(c)]
     assert len(pool) == 1, pool
     os.kill(pool[0], 9)
-    (job,) = wait_for(lambda: finished(pipeline_node, 1), timeout=120, what="job to finish")
+    (job,) = wait_for(lambda: finished(pipeline_node, 1), timeout=180, what="job to finish")
     assert job.state == "succeeded"
-    assert job.attempts == 2  # the killed run and the redelivered one
+    assert job.attempts == 1  # the cpu task ran once; the gpu task was redelivered
+    assert pipeline_node.log().count("Task pacsnode.infer_job[") >= 2
+    book = ledger(pipeline_node.database_url)
+    assert book.results > 0
+    sent = sop_uids(tmp_path / "ct")
+    lost, duplicated = lost_and_duplicated(sent, book.instances)
+    fault_report(
+        "worker SIGKILL during inference",
+        sent=len(sent),
+        acked=len(sent),
+        stored=len(sent & set(book.instances)),
+        jobs=sum(book.jobs_per_study.values()),
+        results=book.results,
+        lost=lost + (1 - book.job_states["succeeded"]),
+        duplicated=duplicated
+        + book.result_duplicates
+        + sum(n - 1 for n in book.jobs_per_study.values()),
+        seconds=time.monotonic() - started,
+    )
 
 
 @pytest.fixture
@@ -157,21 +181,47 @@ def _ping(client: redis.Redis) -> bool:
         return False
 
 
-def test_broker_down_while_studies_arrive(
-    make_node, private_redis: dict[str, Any], tmp_path: Path
+@pytest.mark.faults
+def test_broker_restarted_while_studies_arrive(
+    make_node, private_redis: dict[str, Any], tmp_path: Path, fault_report: Any
 ) -> None:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
     url = f"redis://127.0.0.1:{private_redis['port']}/0"
-    node = make_node(
-        config=node_config(completion=FAST), env_extra={"PACSNODE_BROKER_URL": url}
-    ).start()
-    private_redis["stop"]()
-    for k in range(3):
-        write_ct_series(tmp_path / f"s{k}", SeriesSpec(slices=4, rows=32, columns=32, seed=20 + k))
-        storescu(node, tmp_path / f"s{k}")  # still acknowledged: the broker is not needed
+    # No models: the fault is in dispatching jobs, and each would cost seconds of inference.
+    config = node_config(completion=FAST, disabled_models=NO_MODELS)
+    node = make_node(config=config, env_extra={"PACSNODE_BROKER_URL": url}).start()
+
+    def send(k: int) -> None:
+        folder = tmp_path / "in" / f"s{k}"
+        write_ct_series(folder, SeriesSpec(slices=4, rows=32, columns=32, seed=20 + k))
+        storescu(node, folder)
+
+    send(0)
+    wait_for(lambda: finished(node, 1), timeout=60, what="the first job, Redis up")
+    private_redis["stop"]()  # Redis goes away in the middle of the ingest
+    for k in (1, 2):
+        send(k)  # still acknowledged: storing needs no broker
     pending = wait_for(
         lambda: (j := jobs(node)) and len(j) == 3 and j, timeout=30, what="three jobs"
     )
-    assert {j.state for j in pending} == {"pending"}
-    private_redis["start"]()
-    done = wait_for(lambda: finished(node, 3), timeout=90, what="all jobs after Redis is back")
-    assert [(j.state, j.attempts) for j in done] == [("succeeded", 1)] * 3
+    assert [j.state for j in pending[1:]] == ["pending", "pending"]
+    private_redis["start"]()  # empty: the outbox republishes what it holds
+    send(3)
+    done = wait_for(lambda: finished(node, 4), timeout=90, what="all jobs after Redis is back")
+    assert [(j.state, j.attempts) for j in done] == [("succeeded", 1)] * 4
+    book = ledger(node.database_url)
+    sent = sop_uids(tmp_path / "in")
+    lost, duplicated = lost_and_duplicated(sent, book.instances)
+    fault_report(
+        "Redis restarted during ingest",
+        sent=len(sent),
+        acked=len(sent),
+        stored=len(sent & set(book.instances)),
+        jobs=sum(book.jobs_per_study.values()),
+        results=book.results,
+        lost=lost + 4 - book.job_states["succeeded"],
+        duplicated=duplicated
+        + book.result_duplicates
+        + sum(n - 1 for n in book.jobs_per_study.values()),
+        seconds=time.monotonic() - started,
+    )

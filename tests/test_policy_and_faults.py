@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import pydicom
@@ -17,6 +19,7 @@ from sqlalchemy import select
 from db.models import Instance
 from db.session import create_db_engine
 from models.phantom import SeriesSpec, ct_series_datasets
+from tests.faultreport import ledger, lost_and_duplicated
 from tests.support import Node, free_port, node_config, require_binary, wait_for
 
 
@@ -141,7 +144,8 @@ def test_hostile_sop_instance_uid_from_dcmtk(node: Node, tmp_path: Path) -> None
     assert not Path("/tmp/pacsnode-pwned.dcm").exists()
 
 
-def test_disk_watermark_gives_out_of_resources(make_node) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.faults
+def test_disk_watermark_gives_out_of_resources(make_node, fault_report) -> None:  # type: ignore[no-untyped-def]
     node = make_node(config=node_config(min_free_disk_mb=1 << 40)).start()
     assoc = associate(node)
     rsp = assoc.send_c_store(ct_series_datasets(SeriesSpec(slices=1, rows=16, columns=16))[0])
@@ -149,20 +153,32 @@ def test_disk_watermark_gives_out_of_resources(make_node) -> None:  # type: igno
     assert rsp.Status == 0xA700
     assert "watermark" in rsp.ErrorComment
     assert not list(node.data_dir.rglob("*.dcm"))
+    book = ledger(node.database_url)
+    # Refused with a transient status: the sender keeps it and retries later.
+    fault_report("disk watermark reached (0xA700)", sent=1, stored=len(book.instances))
+    assert associate_and_release(node)  # still serving
 
 
-def test_kill9_after_burst_loses_no_acknowledged_instance(make_node) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.faults
+def test_kill9_during_associations_then_the_sender_resends(make_node, fault_report) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL of the whole node while three associations send: every
+    acknowledged instance survives; the senders resend what was not
+    acknowledged, and each instance ends up stored exactly once."""
+    started = time.monotonic()
     node = make_node().start()
     datasets = ct_series_datasets(SeriesSpec(slices=60, rows=64, columns=64))
     acknowledged: list[str] = []
+    sent = 0
     stop = threading.Event()
 
     def sender(chunk: list[pydicom.Dataset]) -> None:
+        nonlocal sent
         assoc = associate(node)
         for ds in chunk:
             if stop.is_set():
                 break
             try:
+                sent += 1
                 rsp = assoc.send_c_store(ds)
             except Exception:
                 break
@@ -190,6 +206,28 @@ def test_kill9_after_burst_loses_no_acknowledged_instance(make_node) -> None:  #
             path = spool / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
             assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
     assert associate_and_release(node)
+    # The sender resends everything it has no Success for (PS3.4 B.2.3: an
+    # unanswered C-STORE is not stored, as far as the sender knows).
+    unacked = [ds for ds in datasets if str(ds.SOPInstanceUID) not in set(acknowledged)]
+    assoc = associate(node)
+    for ds in unacked:
+        sent += 1
+        assert assoc.send_c_store(ds).Status == 0x0000
+        acknowledged.append(str(ds.SOPInstanceUID))
+    assoc.release()
+    book = ledger(node.database_url)
+    files = Counter(p.stem for p in spool.rglob("*.dcm"))
+    lost, duplicated = lost_and_duplicated(acknowledged, book.instances)
+    fault_report(
+        "SCP SIGKILL mid-association, sender resends",
+        sent=sent,
+        acked=len(set(acknowledged)),
+        stored=len(book.instances),
+        lost=lost + len(set(acknowledged) - set(files)),
+        duplicated=duplicated + sum(n - 1 for n in files.values()),
+        seconds=time.monotonic() - started,
+    )
+    assert len(book.instances) == len(datasets)
 
 
 def test_cli_echo(node: Node) -> None:

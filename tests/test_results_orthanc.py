@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 
 from models.phantom import StudySpec, write_study
+from tests.faultreport import ledger
 from tests.orthanc import Orthanc, orthanc_binary
 from tests.support import IN_CI, Node, node_config, require_binary, wait_for
 from tests.test_assembly import FAST
@@ -140,10 +142,12 @@ def test_orthanc_receives_seg_and_sr_in_the_same_study(
     assert retrieved.SOPInstanceUID == seg.SOPInstanceUID
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_orthanc_down_exports_retry_and_arrive_once(
-    make_node: Any, orthanc: Orthanc, tmp_path: Path
+    make_node: Any, orthanc: Orthanc, tmp_path: Path, fault_report: Any
 ) -> None:
+    started = time.monotonic()
     node = start_pair(make_node, orthanc, initial_backoff_s=0.5, max_backoff_s=2.0)
     study = write_study(tmp_path / "study", StudySpec(**CT))
     study_uid = json.loads(study.truth.read_text())["study_instance_uid"]
@@ -169,4 +173,20 @@ def test_orthanc_down_exports_retry_and_arrive_once(
     )
     assert len(rows) == 2
     # Nothing duplicated: Orthanc holds the CT and exactly one SEG and one SR.
-    assert orthanc.count_instances() == CT["slices"] + 2
+    book = ledger(node.database_url)
+    held = orthanc.count_instances()
+    fault_report(
+        "destination PACS down, then back (Orthanc)",
+        sent=CT["slices"],
+        acked=CT["slices"],
+        stored=len(book.instances) - 2,  # the node's own SEG and SR are indexed too
+        jobs=sum(book.jobs_per_study.values()),
+        results=book.results,
+        exports=book.exports_sent,
+        lost=max(0, CT["slices"] + 2 - held) + 1 - book.job_states["succeeded"],
+        duplicated=max(0, held - CT["slices"] - 2)
+        + book.export_duplicates
+        + book.result_duplicates,
+        seconds=time.monotonic() - started,
+    )
+    assert held == CT["slices"] + 2

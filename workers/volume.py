@@ -102,6 +102,32 @@ class _File:
     frames: list[_Frame] = field(default_factory=list)
 
 
+# A volume larger than this (float32: 4 GiB) is refused before anything is
+# allocated: a header may claim any Rows x Columns x Frames (PS3.3 C.7.6.3
+# allows 65535 x 65535 per frame), and the worker must not take the machine down.
+MAX_VOXELS = 1 << 30
+
+
+def _check_declared_size(ds: Dataset, path: Path, where: str) -> None:
+    """Native (uncompressed) pixel data must hold what Rows, Columns, Frames,
+    Samples and Bits Allocated declare (PS3.5 8.1.1); a claim larger than the
+    file is refused here, before any buffer of that size exists."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or syntax.is_compressed:
+        return
+    frames = int(ds.get("NumberOfFrames") or 1)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.get("BitsAllocated") or 16)
+    declared = int(ds.Rows) * int(ds.Columns) * frames * samples * bits // 8
+    size = path.stat().st_size
+    if declared > size:
+        raise PixelDataError(
+            f"{where} declares {declared} bytes of pixel data ({ds.Rows} x {ds.Columns} x "
+            f"{frames} frames, {bits} bits) but its file holds {size} bytes"
+        )
+
+
 def load_series(paths: Sequence[Path]) -> Volume:
     """Read all instances (or multi-frame objects) of one series into a Volume.
 
@@ -121,6 +147,11 @@ def load_series(paths: Sequence[Path]) -> Volume:
     _check_consistent(files, frames, series_uid)
     order, z_step = _sort_stack(frames, files[0].fallback_z, series_uid)
     rows, columns = files[0].rows, files[0].columns
+    if len(frames) * rows * columns > MAX_VOXELS:
+        raise GeometryError(
+            f"series {series_uid}: {len(frames)} x {rows} x {columns} voxels is more than "
+            f"the node's limit of {MAX_VOXELS}"
+        )
     frames = [frames[k] for k in order]
     array = np.empty((len(frames), rows, columns), dtype=np.float32)
     slot = {(f.file_index, f.frame_index): k for k, f in enumerate(frames)}
@@ -166,13 +197,31 @@ def _read_header(path: Path, file_index: int) -> _File:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise PreprocessError(f"{path.name} is not a readable DICOM file: {exc}") from exc
+    try:
+        return _header(ds, path, file_index)
+    except PreprocessError:
+        raise
+    except Exception as exc:
+        # Elements decode lazily: a malformed value (a list where one number
+        # belongs, an unknown VR, a short binary value) surfaces here. Found by
+        # fuzzing (tests/test_hostile.py); the job records this as its error.
+        raise GeometryError(
+            f"{path.name}: malformed image attributes ({type(exc).__name__})"
+        ) from exc
+
+
+def _header(ds: Dataset, path: Path, file_index: int) -> _File:
     sop, series = str(ds.get("SOPInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
     where = f"series {series}: instance {sop}"
     if int(ds.get("SamplesPerPixel") or 1) != 1:
         raise GeometryError(f"{where} is not monochrome (SamplesPerPixel {ds.SamplesPerPixel})")
     if "Rows" not in ds or "Columns" not in ds:
         raise GeometryError(f"{where} lacks Rows or Columns")
-    n_frames = int(ds.get("NumberOfFrames") or 1)
+    try:
+        _check_declared_size(ds, path, where)
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise GeometryError(f"{where}: invalid image dimensions ({type(exc).__name__})") from exc
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     shared = ds.get("SharedFunctionalGroupsSequence") or []
     functional = bool(per_frame or shared)
