@@ -20,7 +20,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from pydantic import Field, BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _readable(value: Path | None) -> Path | None:
