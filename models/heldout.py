@@ -96,9 +96,9 @@ def _inputs(volume: Volume) -> Callable[[PreprocessSpec], np.ndarray]:
 
 
 def _loaded(model: RegisteredModel) -> Any:
-    from workers.infer import _load
+    from workers.infer import load_for_inference
 
-    return _load(model)
+    return load_for_inference(model)
 
 
 def _noise_volume(grid: data.CtGrid, index: int) -> Volume:

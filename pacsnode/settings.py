@@ -181,6 +181,20 @@ class SegOptions(BaseModel):
     omit_empty_frames: bool = True
 
 
+class FusionOptions(BaseModel):
+    """Study-level fusion models (``task: fusion``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_wait_s: float = Field(
+        default=600.0,
+        ge=0,
+        le=7 * 86_400,
+        description="how long after a study's first instance a fusion model waits for its "
+        "missing roles before recording the study as incomplete",
+    )
+
+
 class Settings(BaseSettings):
     """Effective configuration of one pacsnode installation."""
 
@@ -199,6 +213,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = []
     exports: ExportPolicy = ExportPolicy()
     seg: SegOptions = SegOptions()
+    fusion: FusionOptions = FusionOptions()
     completion: CompletionPolicy = CompletionPolicy()
     max_associations: int = Field(default=32, ge=1, le=1000)
     scp_processes: int = Field(default=0, ge=0, le=64, description="0 = one per CPU core")
