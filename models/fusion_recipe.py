@@ -103,18 +103,31 @@ class FusionCase:
     stack: np.ndarray
     slice_labels: np.ndarray
     label: bool
+    # (z, y / f, x / f): does an avid lesion touch each cell of the heads'
+    # logit maps (f = 2**depth)? Dense targets for training only.
+    cell_labels: np.ndarray | None = None
+
+
+def avid_slices(study: Study) -> np.ndarray:
+    """Per CT slice: does an FDG-avid lesion cross it?"""
+    avid = [lesion.label for lesion in study.lesions if lesion.avid]
+    return np.asarray(np.isin(study.lesion_mask, avid).any(axis=(1, 2)))
 
 
 def case_of(study: Study, scale: FusionScale) -> FusionCase:
     volumes = {"ct": data.volume_of(study.series["CT"]), "pt": data.volume_of(study.series["PT"])}
     specs = {"ct": ct_spec(scale), "pt": pt_spec()}
     stack, _ = stack_roles(volumes, ROLES, "ct", specs)
-    avid = [lesion.label for lesion in study.lesions if lesion.avid]
-    mask = study.lesion_mask
-    if mask.shape != stack.shape[:3]:  # the CT is generated on the model grid
-        raise AssertionError(f"lesion mask {mask.shape} is not on the model grid {stack.shape}")
-    slice_labels = np.asarray(np.isin(mask, avid).any(axis=(1, 2)))
-    return FusionCase(study.spec.seed, stack, slice_labels, bool(avid))
+    if study.lesion_mask.shape != stack.shape[:3]:  # the CT is generated on the model grid
+        raise AssertionError(f"lesion mask {study.lesion_mask.shape} is not on {stack.shape}")
+    avid = np.isin(study.lesion_mask, [x.label for x in study.lesions if x.avid])
+    f = 2**scale.depth
+    z, y, x = avid.shape
+    if y % f or x % f:
+        raise AssertionError(f"slices {y}x{x} are not a multiple of {f}")
+    cells = np.asarray(avid.reshape(z, y // f, f, x // f, f).any(axis=(2, 4)))
+    labels = np.asarray(avid.any(axis=(1, 2)))
+    return FusionCase(study.spec.seed, stack, labels, bool(labels.any()), cells)
 
 
 def lesion_schedule(seed: int) -> int | None:

@@ -30,53 +30,71 @@ from models.tf_env import keras, tf
 
 
 def _batch(
-    x: np.ndarray, y: np.ndarray, rng: np.random.Generator, size: int
+    x: np.ndarray, cells: np.ndarray, y: np.ndarray, rng: np.random.Generator, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     positive, negative = np.flatnonzero(y), np.flatnonzero(~y)
     half = size // 2 if len(positive) else 0
     index = np.concatenate([rng.choice(positive, half), rng.choice(negative, size - half)]).astype(
         np.int64
     )
-    bx = x[index].copy()
+    bx, bc = x[index].copy(), cells[index].copy()
     for axis in (1, 2):
         flip = rng.random(size) < 0.5
         bx[flip] = np.flip(bx[flip], axis=axis)
-    by = np.repeat(y[index].astype(np.float32)[:, None], len(recipe.ROLES) + 1, axis=1)
-    return bx, by
+        bc[flip] = np.flip(bc[flip], axis=axis)
+    return bx, bc.astype(np.float32)[..., None]
+
+
+def _head_loss(cells: Any, logit_map: Any) -> Any:
+    """Dense cell targets (a lesion is small: positives weigh POSITIVE_WEIGHT)
+    plus the slice target through the max over cells, as inference sees it."""
+    per_cell = tf.nn.weighted_cross_entropy_with_logits(cells, logit_map, POSITIVE_WEIGHT)
+    slice_y = tf.reduce_max(cells, axis=(1, 2, 3))
+    slice_logit = tf.reduce_max(logit_map, axis=(1, 2, 3))
+    per_slice = tf.nn.sigmoid_cross_entropy_with_logits(slice_y, slice_logit)
+    return tf.reduce_mean(per_cell) + tf.reduce_mean(per_slice)
+
+
+POSITIVE_WEIGHT = 10.0
 
 
 def train(
     scale: recipe.FusionScale, seed: int, steps: int, progress: bool
 ) -> tuple[Any, dict[str, Any]]:
     """The trained model and what training.json records."""
-    from models.architectures import build_fusion_classifier, spatial_multiple
+    from models.architectures import FUSION_HEADS, build_fusion_classifier, spatial_multiple
 
     started = time.monotonic()
     train_cases = recipe.cases(scale, recipe.FUSION_TRAIN_SEED, scale.train_studies)
     val_cases = recipe.cases(scale, recipe.FUSION_VALIDATION_SEED, scale.val_studies)
     data_s = time.monotonic() - started
     x = np.concatenate([c.stack for c in train_cases]).astype(np.float32)
+    cells = np.concatenate([c.cell_labels for c in train_cases if c.cell_labels is not None])
     y = np.concatenate([c.slice_labels for c in train_cases])
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     model = build_fusion_classifier(**recipe.params(scale))
-    schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=max(1, steps), alpha=0.01)
+    # The same layers, answering with each head's logit map (dense training).
+    maps = keras.Model(
+        model.inputs, [model.get_layer(f"{head}_logit_map").output for head in FUSION_HEADS]
+    )
+    schedule = keras.optimizers.schedules.CosineDecay(2e-3, decay_steps=max(1, steps), alpha=0.01)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4)
     optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-    loss_fn = keras.losses.BinaryCrossentropy()
 
     @tf.function
-    def step(bx: Any, by: Any) -> Any:
+    def step(bx: Any, bc: Any) -> Any:
         with tf.GradientTape() as tape:
-            loss = loss_fn(by, model(bx, training=True)) * by.shape[1]
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            outputs = maps(bx, training=True)
+            loss = tf.add_n([_head_loss(bc, logit_map) for logit_map in outputs])
+        grads = tape.gradient(loss, maps.trainable_variables)
+        optimizer.apply_gradients(zip(grads, maps.trainable_variables, strict=True))
         return loss
 
     losses = []
     for i in range(steps):
-        bx, by = _batch(x, y, rng, scale.batch_size)
-        losses.append(float(step(tf.constant(bx), tf.constant(by))))
+        bx, bc = _batch(x, cells, y, rng, scale.batch_size)
+        losses.append(float(step(tf.constant(bx), tf.constant(bc))))
         if progress and (i + 1) % 100 == 0:
             print(f"step {i + 1}/{steps} loss {np.mean(losses[-100:]):.4f}", flush=True)
     train_s = time.monotonic() - started - data_s
