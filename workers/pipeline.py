@@ -248,6 +248,8 @@ def fuse(ctx: JobContext, engine: Engine) -> None:
     for model in models:
         m = model.manifest
         chosen, missing = choose_series(m, candidates)
+        if not chosen:
+            continue  # none of its roles in this study: the model does not apply
         if missing:
             outcome = missing_outcome(
                 missing, chosen, first_received, ctx.settings.fusion.max_wait_s, now
