@@ -331,9 +331,10 @@ def build_fusion_classifier(
     Channel 0 is the CT, channel 1 the PT co-registered onto it
     (workers.coregister). Each modality has its own convolutional branch and
     its own head (a 1 x 1 logit map, max over the slice): the ``ct`` and
-    ``pt`` outputs see one modality only. The ``fused`` head classifies the
-    concatenated feature maps of both branches, cell by cell, so it can ask
-    whether the hot spot on PT lies on a lesion on CT (feature-level fusion).
+    ``pt`` outputs see one modality only. The ``fused`` head classifies, cell
+    by cell, the feature maps of a third branch that takes the channel stack
+    concatenated with those of both modality branches, so it can ask whether
+    the hot spot on PT lies on a lesion on CT (feature-level fusion).
     Outputs are probabilities in :data:`FUSION_HEADS` order.
     """
     inputs = keras.Input((None, None, 2), name="slices")
@@ -346,7 +347,10 @@ def build_fusion_classifier(
         x = layers.SpatialDropout2D(dropout, name=f"{role}_dropout")(x)
         x = layers.Conv2D(1, 1, name=f"{role}_logit_map")(x)
         logits.append(layers.GlobalMaxPooling2D(name=f"{role}_logit")(x))
-    x = layers.Concatenate(name="fused_maps")(maps)
+    # Early fusion: a third branch sees both channels from the first layer,
+    # so it can ask whether the hot spot and the lesion are the same voxels.
+    early = _feature_maps(inputs, base_filters=base_filters, depth=depth, name="fused_features")
+    x = layers.Concatenate(name="fused_maps")([early, *maps])
     x = _conv_bn_relu(x, base_filters * 2 ** (depth - 1), "fused_mix")
     x = layers.SpatialDropout2D(dropout, name="fused_dropout")(x)
     x = layers.Conv2D(1, 1, name="fused_logit_map")(x)

@@ -58,7 +58,7 @@ class FusionScale:
     val_studies: int = 32
     base_filters: int = 8
     depth: int = 3
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 32
 
 
@@ -131,8 +131,10 @@ def case_of(study: Study, scale: FusionScale) -> FusionCase:
 
 
 def lesion_schedule(seed: int) -> int | None:
-    """Three studies in four have 1-5 lesions (from the seed), one in four none."""
-    return data.lesion_schedule(seed)
+    """Every study has a lesion, so "is there a lesion?" (which CT alone
+    answers) does not answer "is there an avid one?": one lesion in two
+    studies of three, two in the third."""
+    return 2 if seed % 3 == 2 else 1
 
 
 def cases(scale: FusionScale, first_seed: int, count: int) -> list[FusionCase]:

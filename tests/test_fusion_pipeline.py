@@ -100,28 +100,21 @@ def test_pt_second_gives_one_fused_finding_on_both_series(
         lambda: [r for r in query(node, select(Series)) if r.modality == "SR"],
         timeout=30, what="the SR series",
     )[0]  # fmt: skip
-    paths = query(node, select(Instance.path).where(Instance.series_pk == sr_row.id))
-    sr_paths = [node.data_dir / "spool" / p for (p,) in paths]
-    newest = next(p for p in sr_paths if hd.sr.srread(p).InstanceNumber == 1)
-    sr = hd.sr.srread(newest)
-    errors, warnings = dciodvfy(newest)
+    ((path,),) = query(node, select(Instance.path).where(Instance.series_pk == sr_row.id))
+    sr_path = node.data_dir / "spool" / path
+    errors, warnings = dciodvfy(sr_path)
     assert errors == [] and set(warnings) <= {SR_WARNING}
+    sr = hd.sr.srread(sr_path)
     referenced = {
         item.SeriesInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence
         for item in study.ReferencedSeriesSequence
     }
     assert {series["CT"].series_instance_uid, series["PT"].series_instance_uid} <= referenced
-    groups = [
-        g for g in sr.content.get_observation_groups()
-        if g.finding_type is not None and g.finding_type.value == "AVIDLESION"
-    ]  # fmt: skip
-    assert len(groups) == 1
-    images = {
-        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-        for item in groups[0]
-        if item.name.value == "260753009"  # Source (TID 1501 image references)
-    }
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
+    (group,) = sr.content.get_image_measurement_groups()
+    assert group.finding_type is not None and group.finding_type.value == "AVIDLESION"
+    images = {str(image.referenced_sop_instance_uid) for image in group.source_images}
     in_series = {
         modality: {r.sop_instance_uid for r in query(
             node, select(Instance).where(Instance.series_pk == series[modality].id)
