@@ -47,7 +47,11 @@ def test_bundled_manifest_names_roles_weights_and_specs() -> None:
 @pytest.mark.parametrize(
     ("change", "key"),
     [
-        ({"inputs": {"ct": {"modality": "CT"}}}, "fusion.inputs"),
+        (
+            {"inputs": {"ct": {"modality": "CT"}}, "preprocess": {}, "decision_weights": {}},
+            "fusion.inputs",
+        ),
+        ({"inputs": {"ct": {"modality": "CT"}}}, "fusion.decision_weights.pt"),
         ({"reference": "mr"}, "fusion.reference"),
         ({"preprocess": {"pt": {"target_spacing": [1, 1, 1]}}}, "fusion.preprocess.pt"),
         ({"preprocess": {}}, "fusion.preprocess.pt"),
