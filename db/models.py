@@ -353,3 +353,45 @@ class StageTiming(Base):
     model_name: Mapped[str] = mapped_column(String(64), default="")
     seconds: Mapped[float] = mapped_column(Float)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class FindingSource(Base):
+    """A series that contributed to a finding. A fusion model's finding lies
+    on its reference series (``finding.series_pk``) and has one row here per
+    role (CT, PT…); written and replaced with the finding (db.results)."""
+
+    __tablename__ = "finding_source"
+    __table_args__ = (UniqueConstraint("finding_pk", "series_pk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    finding_pk: Mapped[int] = mapped_column(ForeignKey("finding.id"), index=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    role: Mapped[str] = mapped_column(String(64))
+
+
+class FusionOutcome(Base):
+    """Where a study-level fusion model stands on one study (db.fusion).
+
+    waiting (a role's series has not arrived; ``deadline_at`` bounds the
+    wait) → incomplete (the deadline passed: recorded, not retried) or
+    fused (every role present, results written) or failed (the series could
+    not be fused, e.g. different Frames of Reference; ``detail`` says why).
+    A late series starts an update job that runs the model again and
+    replaces the outcome.
+    """
+
+    __tablename__ = "fusion_outcome"
+    __table_args__ = (UniqueConstraint("study_pk", "model_name", "model_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    # Roles still missing, comma-separated; the chosen series as role=UID lines.
+    missing_roles: Mapped[str] = mapped_column(String(256), default="")
+    series: Mapped[str] = mapped_column(String(1024), default="")
+    detail: Mapped[str] = mapped_column(String(1024), default="")
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

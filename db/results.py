@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, delete, insert
+from sqlalchemy import Connection, delete, insert, select
 
-from db.models import Finding, Segment
+from db.models import Finding, FindingSource, Segment
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,11 @@ def replace_results(
     model: ModelIdentity,
     findings: Sequence[FindingRecord] = (),
     segments: Sequence[SegmentRecord] = (),
+    sources: Sequence[tuple[str, int]] = (),
 ) -> None:
     """Replace this model version's results on this series, in the caller's
-    transaction."""
+    transaction. ``sources`` (role, series pk) are the series a fusion
+    model's findings came from; each finding records all of them."""
     now = datetime.now(UTC)
     common = {
         "job_pk": job_id,
@@ -79,6 +81,12 @@ def replace_results(
         "weights_sha256": model.weights_sha256,
         "created_at": now,
     }
+    old = select(Finding.id).where(
+        Finding.series_pk == series_pk,
+        Finding.model_name == model.name,
+        Finding.model_version == model.version,
+    )
+    conn.execute(delete(FindingSource).where(FindingSource.finding_pk.in_(old)))
     for table in (Finding, Segment):
         conn.execute(
             delete(table).where(
@@ -88,8 +96,8 @@ def replace_results(
             )
         )
     if findings:
-        conn.execute(
-            insert(Finding),
+        inserted = conn.execute(
+            insert(Finding).returning(Finding.id),
             [
                 {
                     **common,
@@ -105,6 +113,16 @@ def replace_results(
                 for f in findings
             ],
         )
+        finding_ids = [int(i) for i in inserted.scalars()]
+        if sources:
+            conn.execute(
+                insert(FindingSource),
+                [
+                    {"finding_pk": fid, "series_pk": spk, "role": role}
+                    for fid in finding_ids
+                    for role, spk in sources
+                ],
+            )
     if segments:
         rows = []
         for s in segments:

@@ -1,6 +1,6 @@
 """Keras definitions of pacsnode's bundled models (functional API, Keras 3).
 
-Four small models, each built by one typed function:
+Five small models, each built by one typed function:
 
 - :func:`build_slice_classifier`: a 2D CNN that gives one lesion probability
   per slice (or per 2D patch); global average pooling, sigmoid output.
@@ -11,6 +11,8 @@ Four small models, each built by one typed function:
 - :func:`build_autoencoder`: a convolutional autoencoder trained on normal
   inputs only; its reconstruction error (:func:`volume_reconstruction_error`)
   is the out-of-distribution gate.
+- :func:`build_fusion_classifier`: CT and co-registered PT slices, one
+  branch per modality, CT-only, PT-only and feature-level fused heads.
 
 Conventions: inputs are preprocessed float32 slices with a trailing channel
 axis, ``(H, W, 1)``; every layer is named so weights files stay readable;
@@ -300,12 +302,71 @@ def build_autoencoder(
     return keras.Model(inputs, outputs, name=name)
 
 
+@keras.saving.register_keras_serializable(package="pacsnode")
+class TakeChannel(keras.layers.Layer):
+    """Channel ``index`` of a ``(B, H, W, C)`` stack, kept as ``(B, H, W, 1)``."""
+
+    def __init__(self, index: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.index = index
+
+    def call(self, x: Any) -> Any:
+        return x[..., self.index : self.index + 1]
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return (*input_shape[:-1], 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "index": self.index}
+
+
+FUSION_HEADS = ("ct", "pt", "fused")
+
+
+def build_fusion_classifier(
+    *, base_filters: int = 8, depth: int = 3, dropout: float = 0.2, name: str = "fusion_classifier"
+) -> keras.Model:
+    """A two-branch CT+PT slice classifier: ``(B, H, W, 2)`` → ``(B, 3)``.
+
+    Channel 0 is the CT, channel 1 the PT co-registered onto it
+    (workers.coregister). Each modality has its own convolutional branch and
+    its own head (a 1 x 1 logit map, max over the slice): the ``ct`` and
+    ``pt`` outputs see one modality only. The ``fused`` head classifies, cell
+    by cell, the feature maps of a third branch that takes the channel stack
+    concatenated with those of both modality branches, so it can ask whether
+    the hot spot on PT lies on a lesion on CT (feature-level fusion).
+    Outputs are probabilities in :data:`FUSION_HEADS` order.
+    """
+    inputs = keras.Input((None, None, 2), name="slices")
+    maps = []
+    logits = []
+    for index, role in enumerate(FUSION_HEADS[:2]):
+        x = TakeChannel(index, name=f"{role}_channel")(inputs)
+        x = _feature_maps(x, base_filters=base_filters, depth=depth, name=f"{role}_features")
+        maps.append(x)
+        x = layers.SpatialDropout2D(dropout, name=f"{role}_dropout")(x)
+        x = layers.Conv2D(1, 1, name=f"{role}_logit_map")(x)
+        logits.append(layers.GlobalMaxPooling2D(name=f"{role}_logit")(x))
+    # Early fusion: a third branch sees both channels from the first layer,
+    # so it can ask whether the hot spot and the lesion are the same voxels.
+    early = _feature_maps(inputs, base_filters=base_filters, depth=depth, name="fused_features")
+    x = layers.Concatenate(name="fused_maps")([early, *maps])
+    x = _conv_bn_relu(x, base_filters * 2 ** (depth - 1), "fused_mix")
+    x = layers.SpatialDropout2D(dropout, name="fused_dropout")(x)
+    x = layers.Conv2D(1, 1, name="fused_logit_map")(x)
+    logits.append(layers.GlobalMaxPooling2D(name="fused_logit")(x))
+    x = layers.Concatenate(name="logits")(logits)
+    outputs = layers.Activation("sigmoid", dtype="float32", name="probability")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
 # Architecture names as a manifest may give them, with their builders.
 ARCHITECTURES: Mapping[str, Callable[..., keras.Model]] = {
     "slice_classifier": build_slice_classifier,
     "sequence_classifier": build_sequence_classifier,
     "unet": build_unet,
     "autoencoder": build_autoencoder,
+    "fusion_classifier": build_fusion_classifier,
 }
 
 
@@ -324,10 +385,11 @@ def spatial_multiple(architecture: str, params: Mapping[str, Any] | None = None)
     if architecture in ("unet", "autoencoder"):
         depth = int((params or {}).get("depth", 3))
         return int(2**depth)
-    if architecture == "slice_classifier":
+    if architecture in ("slice_classifier", "fusion_classifier"):
         # Each pooling level halves the slice: smaller slices (a small field
         # of view) would pool to nothing.
-        return int(2 ** int((params or {}).get("depth", 4)))
+        default = 4 if architecture == "slice_classifier" else 3
+        return int(2 ** int((params or {}).get("depth", default)))
     return 1
 
 

@@ -14,6 +14,7 @@ specs (1.5 mm pixels, 4 mm slices for the bundled models) over 400 x 400 mm:
 half have 1-5 lesions, half none. The gate also sees the phantom's MR T1 and
 T2 series fed as if they were CT (their stored values read as HU), and
 noise volumes; its false alarms are counted on the lesion-free CT studies.
+Fusion models are evaluated on held-out CT+PT studies (models.fusion_eval).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from models.evaluation import (
     summarise_segmentation,
     write_report,
 )
+from models.fusion_eval import evaluate_fusion
 from models.registry import RegisteredModel, Registry
 from workers.preprocess import PreprocessSpec, preprocess
 from workers.volume import Volume
@@ -96,9 +98,9 @@ def _inputs(volume: Volume) -> Callable[[PreprocessSpec], np.ndarray]:
 
 
 def _loaded(model: RegisteredModel) -> Any:
-    from workers.infer import _load
+    from workers.infer import load_for_inference
 
-    return _load(model)
+    return load_for_inference(model)
 
 
 def _noise_volume(grid: data.CtGrid, index: int) -> Volume:
@@ -243,6 +245,14 @@ def evaluate(
         if model is None:
             raise LookupError(f"no model named {name!r} is installed in {registry.models_dir}")
         models.append(model)
+    fusion = [m for m in models if m.manifest.task == "fusion"]
+    models = [m for m in models if m.manifest.task != "fusion"]
+    fused = [evaluate_fusion(m, studies, progress=progress) for m in fusion]
+    if not models:
+        if out_dir is not None:
+            for result in fused:
+                write_report(result, Path(out_dir) / result.model)
+        return fused
     grid = held_out_grid(models)
     scores = {m.key: _Scores() for m in models}
     gates = [m for m in models if m.manifest.task == "anomaly"]
@@ -276,7 +286,7 @@ def evaluate(
                 for gate in gates:
                     scores[gate.key].noise.append(gate_score(gate, input_for)[1])
                 bar.advance(task)
-    results = [_evaluation(m, scores[m.key]) for m in models]
+    results = [_evaluation(m, scores[m.key]) for m in models] + fused
     _compare_sequence(results)
     if out_dir is not None:
         for result in results:

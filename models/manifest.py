@@ -338,7 +338,9 @@ class Weights(_Strict):
 
 # The Keras architectures models/architectures.py builds (a test keeps the two
 # lists equal; this module must not import TensorFlow).
-ArchitectureName = Literal["slice_classifier", "sequence_classifier", "unet", "autoencoder"]
+ArchitectureName = Literal[
+    "slice_classifier", "sequence_classifier", "unet", "autoencoder", "fusion_classifier"
+]
 
 
 class Architecture(_Strict):
@@ -350,24 +352,56 @@ class Architecture(_Strict):
 
 
 class Fusion(_Strict):
-    """Series selection by role and decision-level weights for fusion models.
+    """How a fusion model gathers and combines the series of one study.
 
-    ``inputs`` maps a role (``ct``, ``pt``, ``t1``…) to the rules that pick its
-    series within a study; ``decision_weights`` weighs each role's evidence.
-    Both are optional until fusion lands in the pipeline.
+    ``inputs`` maps a role (``ct``, ``pt``, ``t1``…) to the rules that pick
+    its series within the study; the order of the roles is the order of the
+    model's input channels. ``reference`` is the role whose grid the others
+    are resampled onto by DICOM geometry (default: the first role); the
+    model's ``input.preprocess`` prepares that role. ``preprocess`` gives the
+    other roles' intensity steps (window, normalisation), applied after
+    co-registration, so they must not resample (no ``target_spacing`` or
+    ``target_shape``). ``decision_weights`` weighs each role's own
+    probability in the decision-level combination (fitted on validation
+    data); ``method`` says which probability becomes the reported finding:
+    ``feature`` (the model's fused head) or ``decision`` (the weighted
+    combination of the per-role heads).
     """
 
     inputs: dict[Slug, SeriesRules] = Field(default_factory=dict)
+    reference: Slug | None = None
+    preprocess: dict[Slug, PreprocessSpec] = Field(default_factory=dict)
     decision_weights: dict[Slug, NonNegativeFloat] = Field(default_factory=dict)
+    method: Literal["feature", "decision"] = "feature"
 
     @model_validator(mode="after")
     def _roles_known(self) -> Self:
-        for role in self.decision_weights:
-            if role not in self.inputs:
+        for field_name in ("decision_weights", "preprocess"):
+            for role in getattr(self, field_name):
+                if role not in self.inputs:
+                    raise KeyedValueError(
+                        f"{field_name}.{role}", f"role {role!r} is not one of inputs"
+                    )
+        if self.reference is not None and self.reference not in self.inputs:
+            raise KeyedValueError("reference", f"role {self.reference!r} is not one of inputs")
+        for role, spec in self.preprocess.items():
+            if spec.target_spacing is not None or spec.target_shape is not None:
                 raise KeyedValueError(
-                    f"decision_weights.{role}", f"role {role!r} is not one of inputs"
+                    f"preprocess.{role}",
+                    "roles are resampled onto the reference grid; give no target_spacing "
+                    "or target_shape here",
                 )
+        if self.method == "decision" and not self.decision_weights:
+            raise KeyedValueError("method", "decision needs decision_weights")
         return self
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.inputs)
+
+    @property
+    def reference_role(self) -> str:
+        return self.reference or next(iter(self.inputs))
 
 
 # -- the manifest -------------------------------------------------------------------
@@ -422,11 +456,26 @@ class ModelManifest(_Strict):
             )
         if self.fusion is not None and self.task != "fusion":
             raise KeyedValueError("fusion", f"only fusion models take it, not {self.task}")
+        if self.task == "fusion" and self.fusion is not None and self.fusion.inputs:
+            self._check_fusion(self.fusion)
         if self.applies_to is None and not (self.fusion is not None and self.fusion.inputs):
             raise KeyedValueError(
                 "applies_to", "required (fusion models may give fusion.inputs instead)"
             )
         return self
+
+    def _check_fusion(self, fusion: Fusion) -> None:
+        if len(fusion.inputs) < 2:
+            raise KeyedValueError("fusion.inputs", "a fusion model needs at least two roles")
+        if self.input.channels != len(fusion.inputs):
+            raise KeyedValueError(
+                "input.channels", f"{self.input.channels} channels for {len(fusion.inputs)} roles"
+            )
+        for role in fusion.inputs:
+            if role != fusion.reference_role and role not in fusion.preprocess:
+                raise KeyedValueError(
+                    f"fusion.preprocess.{role}", "required for every role but the reference"
+                )
 
     def _check_outputs(self) -> None:
         if not self.outputs and self.task != "anomaly":

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from db.assembly import assembling, reset_sending, trigger, utc
+from db.fusion import expire_waits
 from pacsnode.settings import CompletionPolicy, Settings
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def run_assembler(engine: Engine, settings: Settings, stop: threading.Event) -> 
     while not stop.is_set():
         try:
             assemble_once(engine, settings)
+            with engine.begin() as conn:
+                expire_waits(conn)  # fusion roles that never came (db.fusion)
         except Exception:
             # Database outage: nothing is lost (arrivals are committed rows);
             # try again on the next pass.

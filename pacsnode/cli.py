@@ -425,14 +425,20 @@ def train(
     training.json. Seeded: the same seed and steps give the same model up to
     floating-point rounding.
     """
+    from models import fusion_recipe
+    from models.fusion_training import train_fusion_model
     from models.recipes import FULL, RECIPES, TINY, train_model
 
-    names = _model_names(model, list(RECIPES))
+    names = _model_names(model, [*RECIPES, fusion_recipe.NAME])
     folder = out_dir if out_dir is not None else _settings().models_dir
     for name in names:
-        written = train_model(
-            name, folder, steps=steps, seed=seed, scale=TINY if tiny else FULL, progress=True
-        )
+        if name == fusion_recipe.NAME:
+            fusion_scale = fusion_recipe.TINY if tiny else fusion_recipe.FULL
+            written = train_fusion_model(folder, steps=steps, seed=seed, scale=fusion_scale)
+        else:
+            written = train_model(
+                name, folder, steps=steps, seed=seed, scale=TINY if tiny else FULL, progress=True
+            )
         out.print(
             f"{name}: wrote {written.weights} ({written.weights_bytes / 1e6:.2f} MB, "
             f"sha256 {written.sha256[:12]}...) and {written.manifest.name} in "
@@ -487,6 +493,10 @@ def evaluate(
             _fmt(m.get("false_alarm_rate")), _fmt(m.get("target_met")),
         )  # fmt: skip
     Console(width=max(out.width, 150)).print(table)  # wide enough when piped
+    from models.fusion_eval import fusion_table
+
+    if (fused := fusion_table(results)) is not None:
+        Console(width=max(out.width, 150)).print(fused)
     out.print(
         f"Reports in {out_dir}/<model>/. Synthetic data; the models are for demonstration, "
         "not clinical use.",

@@ -266,6 +266,20 @@ class ApiSettings(BaseModel):
         return value
 
 
+class FusionOptions(BaseModel):
+    """Study-level fusion models (``task: fusion``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_wait_s: float = Field(
+        default=600.0,
+        ge=0,
+        le=7 * 86_400,
+        description="how long after a study's first instance a fusion model waits for its "
+        "missing roles before recording the study as incomplete",
+    )
+
+
 class Settings(BaseSettings):
     """Effective configuration of one pacsnode installation."""
 
@@ -311,6 +325,10 @@ class Settings(BaseSettings):
         default=ExportPolicy(), description="which results go where, and their retries"
     )
     seg: SegOptions = Field(default=SegOptions(), description="how DICOM-SEG objects are written")
+    fusion: FusionOptions = Field(
+        default=FusionOptions(),
+        description="study-level fusion models: how long to wait for series",
+    )
     completion: CompletionPolicy = Field(
         default=CompletionPolicy(), description="when a study counts as complete"
     )

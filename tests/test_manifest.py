@@ -250,7 +250,15 @@ def test_valid_segmentation_anomaly_and_fusion(tmp_path: Path) -> None:
     fusion = classifier(
         name="fused",
         task="fusion",
-        fusion={"inputs": {"ct": {"modality": ["CT"]}, "pt": {"modality": ["PT"]}}},
+        input={
+            "preprocess": {"target_spacing": [4, 2, 2], "normalise": "minmax"},
+            "shape": [64, 64],
+            "channels": 2,
+        },
+        fusion={
+            "inputs": {"ct": {"modality": ["CT"]}, "pt": {"modality": ["PT"]}},
+            "preprocess": {"pt": {"normalise": "percentile"}},
+        },
     )
     del fusion["applies_to"]
     install(tmp_path, fusion)

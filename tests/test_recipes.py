@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from models.fusion_recipe import NAME as FUSION
 from models.manifest import read_manifest
 from models.recipe_data import HELD_OUT_SEED, VALIDATION_SEED, fit_size, min_voxels
 from models.recipes import GATE, RECIPES, fit_positive_threshold
@@ -62,7 +63,7 @@ def test_train_and_evaluate_tiny_models_through_the_cli(
         training = json.loads((folder / "training.json").read_text())
         assert training["seed"] == 3 and training["weights_sha256"] == manifest.weights.sha256
     registry = Registry.load(models_dir)
-    assert sorted(m.manifest.name for m in registry.models) == sorted(RECIPES)
+    assert sorted(m.manifest.name for m in registry.models) == sorted([*RECIPES, FUSION])
     gate = registry.get(GATE)
     assert gate is not None and gate.manifest.thresholds.ood_reconstruction_error
     for name in ("ct-lesion-classifier", "ct-lesion-sequence"):
@@ -84,7 +85,10 @@ def test_train_and_evaluate_tiny_models_through_the_cli(
     assert gate_report["mr_as_ct_volumes"] == 2 and gate_report["noise_volumes"] == 2
     assert (out / GATE / "roc.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == set(RECIPES)
+    assert set(summary) == {*RECIPES, FUSION}
+    fusion = summary[FUSION]
+    assert fusion["task"] == "fusion" and fusion["n"] == 2
+    assert {"roc_auc_ct", "roc_auc_pt", "roc_auc_decision", "roc_auc_feature"} <= set(fusion)
     assert time.monotonic() - started < 120  # about 25 s on 2 cores
 
     result = runner.invoke(app, ["evaluate", "no-such-model"])

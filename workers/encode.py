@@ -225,8 +225,11 @@ def _flag(value: bool) -> hd.sr.CodedConcept:
 def _finding_group(
     study_uid: str, result: ModelResult, finding: FindingRecord, source: SourceSeries,
     algorithm: hd.sr.AlgorithmIdentification, nothing_segmented: bool,
+    contributing: Sequence[SourceSeries] = (),
 ) -> FindingGroup:  # fmt: skip
-    """TID 1501: one finding of one model on one series."""
+    """TID 1501: one finding of one model on one series. A fusion model's
+    finding names the images of every contributing series as its Source
+    (TID 1501 row 13, "Source of Measurement" by image reference)."""
     model, code = result.model, finding.code
     measurements = [
         hd.sr.Measurement(codes.DCM.Probability, finding.probability, codes.UCUM.NoUnits)
@@ -248,6 +251,12 @@ def _finding_group(
             hd.sr.QualitativeEvaluation(_coded(code), present),
             hd.sr.QualitativeEvaluation(OUT_OF_DISTRIBUTION, _flag(finding.ood)),
         ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(image)
+            for series in contributing
+            for image in series.images
+        ]
+        or None,
     )
 
 
@@ -310,13 +319,19 @@ def build_sr(
         )
         seg = segs.get((model.name, model.version, result.series_instance_uid))
         empty = model.task == "segmentation" and seg is None
+        contributing = [sources[uid] for _, uid in result.sources]
         for finding in result.findings:
             ood |= finding.ood
-            groups.append(_finding_group(study_uid, result, finding, source, algorithm, empty))
+            groups.append(
+                _finding_group(study_uid, result, finding, source, algorithm, empty, contributing)
+            )
         if seg is not None:
             ood |= any(s.ood for s in result.segments)
             groups += _segment_groups(study_uid, result, seg, source, algorithm)
-    used = [sources[uid] for uid in dict.fromkeys(r.series_instance_uid for r in results)]
+    used_uids = [
+        uid for r in results for uid in (r.series_instance_uid, *(u for _, u in r.sources))
+    ]
+    used = [sources[uid] for uid in dict.fromkeys(used_uids)]
     generic = codes.LN.DiagnosticImagingReport
     procedures = dict.fromkeys(PROCEDURES.get(s.modality, generic) for s in used)
     device = hd.sr.DeviceObserverIdentifyingAttributes(

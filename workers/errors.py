@@ -37,3 +37,8 @@ class PixelDataError(GeometryError):
     (the series cannot become a volume), so it subclasses :class:`GeometryError`
     and callers that catch that class catch this too.
     """
+
+
+class CoregistrationError(PreprocessError):
+    """Two series cannot share one grid: different Frames of Reference
+    (PS3.3 C.7.4.1) and no registration between them, or no overlap."""

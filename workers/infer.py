@@ -48,6 +48,9 @@ class ModelResult:
     # Seconds in the model's forward passes (and its gate's, when this model
     # ran the gate first): the figure bench/e2e sets against the rest.
     forward_s: float = 0.0
+    # Fusion models: (role, SeriesInstanceUID) of every contributing series;
+    # empty for single-series models (the result's own series).
+    sources: list[tuple[str, str]] = field(default_factory=list)
 
 
 def identity(model: RegisteredModel) -> ModelIdentity:
@@ -60,7 +63,7 @@ def _code(output: Output) -> Code:
     return Code(c.scheme_designator, c.value, c.meaning)
 
 
-def _load(model: RegisteredModel) -> object:
+def load_for_inference(model: RegisteredModel) -> object:
     from models.runtime import load_model
 
     m = model.manifest
@@ -77,7 +80,7 @@ def gate_score(gate: RegisteredModel, input_for: InputFor) -> tuple[bool, float]
     """(out of distribution?, reconstruction error) of the gate on this series."""
     from models.runtime import LoadedModel, reconstruction_error
 
-    loaded = _load(gate)
+    loaded = load_for_inference(gate)
     assert isinstance(loaded, LoadedModel)
     m = gate.manifest
     error = reconstruction_error(
@@ -98,7 +101,7 @@ def run_model(
     from models import runtime
 
     m: ModelManifest = model.manifest
-    loaded = _load(model)
+    loaded = load_for_inference(model)
     assert isinstance(loaded, runtime.LoadedModel)
     ood, ood_score = gate if gate is not None else (False, None)
     result = ModelResult(volume.series_instance_uid, identity(model))
@@ -180,7 +183,7 @@ def infer_series(
         gate_s = 0.0
         if gate is not None:
             if gate.key not in gates:
-                _load(gate)  # loading is not a forward pass
+                load_for_inference(gate)  # loading is not a forward pass
                 started = time.perf_counter()
                 gates[gate.key] = gate_score(gate, input_for)
                 gate_s = time.perf_counter() - started

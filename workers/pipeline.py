@@ -3,14 +3,15 @@
     load → preprocess → infer → fuse → persist → encode → export
 
 Each stage is a plain function of the job context, run in order by
-:func:`run`. Fusion (study-level models) joins ``STAGES`` when it lands.
+:func:`run`. ``infer`` runs the models of each series, ``fuse`` the
+study-level fusion models over the study's series (workers.fusion).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -19,18 +20,21 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 
 from db.exports import destinations_for, enqueue_exports
+from db.fusion import Outcome, record, study_first_received
 from db.models import Instance, Job, Series, Study
 from db.modelswitch import effective_disabled, switches
 from db.results import replace_results
 from db.stats import record_timings
 from models.manifest import SeriesInfo
 from models.registry import RegisteredModel, Registry
+from pacsnode.errors import PacsnodeError
 from pacsnode.settings import Destination, Settings
 from workers.encode import encode_job, read_source
-from workers.infer import ModelResult, infer_series
+from workers.fusion import Candidate, FusionError, choose_series, missing_outcome, run_fusion
+from workers.infer import ModelResult, infer_series, load_for_inference
 from workers.outputs import OutputObject, store_outputs
 from workers.preprocess import PreprocessCache, PreprocessSpec, write_atomically
 from workers.volume import Volume, load_series
@@ -75,6 +79,10 @@ class JobContext:
     timings: dict[str, float] = field(default_factory=dict)
     # disabled_models after the administrators' switches (db.modelswitch)
     disabled: tuple[str, ...] = ()
+    # Every volume series of the study (fusion models look beyond the job's
+    # own series when the sender's policy groups by series).
+    study_series: dict[str, SeriesInput] = field(default_factory=dict)
+    fusion_errors: list[str] = field(default_factory=list)
 
 
 @cache
@@ -95,48 +103,58 @@ def switched_off(engine: Engine, settings: Settings) -> tuple[str, ...]:
     return effective_disabled(settings.disabled_models, found)
 
 
+def _series_inputs(
+    conn: Connection, study_pk: int, series_pk: int | None, spool_dir: Path
+) -> tuple[list[SeriesInput], list[str]]:
+    """The volume series of a study (or one of its series) with their
+    spooled files, and the UIDs of the other series (skipped)."""
+    stmt = (
+        select(
+            Series.id,
+            Series.series_instance_uid,
+            Series.modality,
+            Series.body_part_examined,
+            Series.series_description,
+            Instance.sop_class_uid,
+            Instance.sop_instance_uid,
+            Instance.path,
+        )
+        .join(Instance, Instance.series_pk == Series.id)
+        .where(Series.study_pk == study_pk)
+        .order_by(Series.series_instance_uid, Instance.sop_instance_uid)
+    )
+    if series_pk is not None:
+        stmt = stmt.where(Series.id == series_pk)
+    by_series: dict[str, SeriesInput] = {}
+    skipped: list[str] = []
+    for pk, series_uid, modality, body_part, description, sop_class, sop_uid, path in conn.execute(
+        stmt
+    ):
+        if sop_class not in VOLUME_SOP_CLASSES:
+            if series_uid not in skipped:
+                skipped.append(series_uid)
+            continue
+        entry = by_series.setdefault(
+            series_uid,
+            SeriesInput(series_uid, modality, body_part or "", description or "", pk, [], []),
+        )
+        entry.paths.append(spool_dir / path)
+        entry.sop_instance_uids.append(sop_uid)
+    return list(by_series.values()), skipped
+
+
 def load(ctx: JobContext, engine: Engine) -> None:
     """The job's series and their spooled files, from the index."""
     with engine.connect() as conn:
         job = conn.execute(select(Job).where(Job.id == ctx.job_id)).one()
-        stmt = (
-            select(
-                Series.id,
-                Series.series_instance_uid,
-                Series.modality,
-                Series.body_part_examined,
-                Series.series_description,
-                Instance.sop_class_uid,
-                Instance.sop_instance_uid,
-                Instance.path,
-            )
-            .join(Instance, Instance.series_pk == Series.id)
-            .where(Series.study_pk == job.study_pk)
-            .order_by(Series.series_instance_uid, Instance.sop_instance_uid)
+        ctx.series, ctx.skipped = _series_inputs(
+            conn, job.study_pk, job.series_pk, ctx.settings.spool_dir
         )
-        if job.series_pk is not None:
-            stmt = stmt.where(Series.id == job.series_pk)
-        rows = conn.execute(stmt).all()
         study_uid = conn.execute(
             select(Study.study_instance_uid).where(Study.id == job.study_pk)
         ).scalar_one()
     ctx.study_instance_uid = study_uid
     ctx.study_pk = job.study_pk
-    by_series: dict[str, SeriesInput] = {}
-    for series_pk, series_uid, modality, body_part, description, sop_class, sop_uid, path in rows:
-        if sop_class not in VOLUME_SOP_CLASSES:
-            if series_uid not in ctx.skipped:
-                ctx.skipped.append(series_uid)
-            continue
-        entry = by_series.setdefault(
-            series_uid,
-            SeriesInput(
-                series_uid, modality, body_part or "", description or "", series_pk, [], []
-            ),
-        )
-        entry.paths.append(ctx.settings.spool_dir / path)
-        entry.sop_instance_uids.append(sop_uid)
-    ctx.series = list(by_series.values())
 
 
 def _series_info(series: SeriesInput, volume: Volume) -> SeriesInfo:
@@ -193,6 +211,93 @@ def infer(ctx: JobContext, engine: Engine) -> None:
         ctx.timings["forward"] = sum(r.forward_s for r in ctx.results)
 
 
+def fusion_models(ctx: JobContext) -> list[RegisteredModel]:
+    """Enabled study-level models (``task: fusion`` with ``fusion.inputs``)."""
+    return [
+        m
+        for m in registry(ctx).enabled
+        if m.manifest.task == "fusion"
+        and m.manifest.fusion is not None
+        and m.manifest.fusion.inputs
+    ]
+
+
+def _fusion_modalities(models: list[RegisteredModel]) -> set[str]:
+    return {
+        modality
+        for m in models
+        if m.manifest.fusion is not None
+        for rules in m.manifest.fusion.inputs.values()
+        for modality in rules.modality
+    }
+
+
+def _volume(ctx: JobContext, series: SeriesInput) -> Volume:
+    uid = series.series_instance_uid
+    if uid not in ctx.volumes:
+        ctx.volumes[uid] = load_series(series.paths)
+    return ctx.volumes[uid]
+
+
+def fuse(ctx: JobContext, engine: Engine) -> None:
+    """Study-level fusion models on the study's series (workers.fusion):
+    a result when every role has its series, else a bounded wait recorded
+    in ``fusion_outcome`` (db.fusion)."""
+    models = fusion_models(ctx)
+    if not models:
+        return
+    modalities = _fusion_modalities(models)
+    with engine.connect() as conn:
+        inputs, _ = _series_inputs(conn, ctx.study_pk, None, ctx.settings.spool_dir)
+        first_received = study_first_received(conn, ctx.study_pk)
+    ctx.study_series = {s.series_instance_uid: s for s in inputs}
+    candidates = [
+        Candidate(s.series_instance_uid, s.series_pk, _series_info(s, _volume(ctx, s)))
+        for s in inputs
+        if s.modality.strip().upper() in modalities
+    ]
+    now = datetime.now(UTC)
+    for model in models:
+        m = model.manifest
+        chosen, missing = choose_series(m, candidates)
+        if not chosen:
+            continue  # none of its roles in this study: the model does not apply
+        if missing:
+            outcome = missing_outcome(
+                missing, chosen, first_received, ctx.settings.fusion.max_wait_s, now
+            )
+            log.info(
+                "job %d study %s: fusion %s %s (%s)",
+                ctx.job_id, ctx.study_instance_uid, model.key, outcome.state, outcome.detail,
+            )  # fmt: skip
+        else:
+            try:
+                result, scores = run_fusion(
+                    model, chosen, lambda uid: ctx.volumes[uid], load_for_inference
+                )
+            except PacsnodeError as exc:
+                ctx.fusion_errors.append(f"fusion {model.key}: {exc}")
+                outcome = Outcome("failed", (), _uids(chosen), str(exc))
+                log.error("job %d: fusion %s failed: %s", ctx.job_id, model.key, exc)
+            else:
+                ctx.results.append(result)
+                detail = (
+                    f"ct {scores.ct:.4f} pt {scores.pt:.4f} feature {scores.feature:.4f} "
+                    f"decision {scores.decision:.4f}"
+                )
+                outcome = Outcome("fused", (), _uids(chosen), detail)
+                log.info("job %d: fusion %s fused: %s", ctx.job_id, model.key, detail)
+        with engine.begin() as conn:
+            record(
+                conn, study_pk=ctx.study_pk, job_id=ctx.job_id, model_name=m.name,
+                model_version=m.version, outcome=outcome, now=now,
+            )  # fmt: skip
+
+
+def _uids(chosen: Mapping[str, Candidate]) -> dict[str, str]:
+    return {role: c.series_instance_uid for role, c in chosen.items()}
+
+
 def _write_mask(path: Path, masks: dict[int, np.ndarray]) -> None:
     """Masks as one compressed .npz (key ``segment_<n>``), written atomically."""
     arrays: dict[str, Any] = {f"segment_{n}": m for n, m in masks.items()}
@@ -203,6 +308,7 @@ def persist(ctx: JobContext, engine: Engine) -> None:
     """Masks to ``<data_dir>/results``, then every model's rows in one
     transaction, replacing an earlier run's (db.results)."""
     series_pk = {s.series_instance_uid: s.series_pk for s in ctx.series}
+    series_pk.update({uid: s.series_pk for uid, s in ctx.study_series.items()})
     for result in ctx.results:
         if result.masks:
             relative = (
@@ -221,6 +327,7 @@ def persist(ctx: JobContext, engine: Engine) -> None:
                 model=result.model,
                 findings=result.findings,
                 segments=result.segments,
+                sources=[(role, series_pk[uid]) for role, uid in result.sources],
             )
 
 
@@ -229,10 +336,10 @@ def encode(ctx: JobContext, engine: Engine) -> None:
     (workers.encode), written into the spool and indexed as instances of the
     study (workers.outputs); ``ctx.outputs`` lists them for export."""
     used = {r.series_instance_uid for r in ctx.results}
+    used |= {uid for r in ctx.results for _, uid in r.sources}
+    every = {s.series_instance_uid: s for s in ctx.series} | ctx.study_series
     sources = {
-        s.series_instance_uid: read_source(s.paths, ctx.volumes[s.series_instance_uid])
-        for s in ctx.series
-        if s.series_instance_uid in used
+        uid: read_source(s.paths, ctx.volumes[uid]) for uid, s in every.items() if uid in used
     }
     manifests = {(m.manifest.name, m.manifest.version): m.manifest for m in registry(ctx).models}
     objects = encode_job(
@@ -294,6 +401,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("load", load),
     ("preprocess", preprocess),
     ("infer", infer),
+    ("fuse", fuse),
     ("persist", persist),
     ("encode", encode),
     ("export", export),
@@ -305,8 +413,12 @@ CPU_STAGES = ("load", "preprocess")
 
 
 def needs_models(ctx: JobContext) -> bool:
-    """Whether any model applies to the job's series (else it is done)."""
-    return any(ctx.models.values())
+    """Whether any model applies to the job's series, or a fusion model may
+    use one of them (else the job is done)."""
+    if any(ctx.models.values()):
+        return True
+    modalities = _fusion_modalities(fusion_models(ctx))
+    return any(s.modality.strip().upper() in modalities for s in ctx.series)
 
 
 def run(
@@ -327,6 +439,9 @@ def run(
         record_timings(
             conn, job_id, ctx.timings, [(r.model.name, r.forward_s) for r in ctx.results]
         )
+    if ctx.fusion_errors:
+        # Recorded on the job after the other models' results were written.
+        raise FusionError("; ".join(ctx.fusion_errors))
     log.info(
         "job %d study %s: %d volume series, %d other series skipped, %d model result(s), stages %s",
         job_id,
