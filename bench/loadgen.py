@@ -17,6 +17,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from models.phantom import SeriesSpec, ct_series_datasets
 from scp import reactor
+from tests.support import child_pids
 
 # The senders are pynetdicom SCUs too: without the node's reactor checkpoint,
 # about one C-STORE in a few thousand loses its response to the association's
@@ -108,19 +109,6 @@ def send_concurrently(
     return result
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def _rss_mb(pid: int) -> float:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -145,8 +133,8 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> tuple[float, float]:
-        children = _children(self.pid)
-        grandchildren = {c: _children(c) for c in children}
+        children = child_pids(self.pid)
+        grandchildren = {c: child_pids(c) for c in children}
         scp = sum(_rss_mb(c) for c in children if not grandchildren[c])
         tree = _rss_mb(self.pid) + sum(
             _rss_mb(c) + sum(_rss_mb(g) for g in grandchildren[c]) for c in children

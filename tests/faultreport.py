@@ -52,6 +52,16 @@ class Ledger:
     exports_sent: int
     export_duplicates: int
 
+    @property
+    def jobs(self) -> int:
+        """Initial jobs, over all studies."""
+        return sum(self.jobs_per_study.values())
+
+    @property
+    def job_duplicates(self) -> int:
+        """Initial jobs beyond one per study."""
+        return sum(n - 1 for n in self.jobs_per_study.values())
+
 
 def ledger(database_url: str) -> Ledger:
     engine = create_db_engine(database_url)

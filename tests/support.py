@@ -39,6 +39,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def child_pids(pid: int) -> list[int]:
+    """Process IDs whose parent is ``pid`` (from /proc; Linux only)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll ``condition`` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout

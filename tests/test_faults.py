@@ -143,11 +143,9 @@ def test_postgres_restarted_during_a_job(
         sent=len(sent),
         acked=len(sent),
         stored=len(sent & set(book.instances)),
-        jobs=sum(book.jobs_per_study.values()),
+        jobs=book.jobs,
         results=book.results,
         lost=lost + 3 - book.job_states["succeeded"],
-        duplicated=duplicated
-        + book.result_duplicates
-        + sum(n - 1 for n in book.jobs_per_study.values()),
+        duplicated=duplicated + book.result_duplicates + book.job_duplicates,
         seconds=time.monotonic() - started,
     )

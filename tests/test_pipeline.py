@@ -20,7 +20,16 @@ import redis
 
 from models.phantom import SeriesSpec, ct_series_datasets, write_ct_series
 from tests.faultreport import ledger, lost_and_duplicated, sop_uids
-from tests.support import IN_CI, Node, free_port, node_config, require_binary, storescu, wait_for
+from tests.support import (
+    IN_CI,
+    Node,
+    child_pids,
+    free_port,
+    node_config,
+    require_binary,
+    storescu,
+    wait_for,
+)
 from tests.test_assembly import FAST, jobs
 
 NO_MODELS = ["ct-lesion-classifier", "ct-lesion-segmenter", "ct-lesion-sequence", "ct-ood-gate"]
@@ -81,19 +90,6 @@ def test_bad_geometry_fails_the_job_with_its_reason(pipeline_node: Node, tmp_pat
     assert "Phantom" not in job.error and "PHANTOM-0001" not in job.error
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.faults
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 # Redis only, the production broker: each run takes about a minute of the CI
@@ -115,7 +111,7 @@ def test_worker_killed_during_inference_is_redelivered_and_completes_once(
     )
     assert pipeline_node.process is not None
     # serve → worker service → its pool process, which runs the task.
-    pool = [g for c in _children(pipeline_node.process.pid) for g in _children(c)]
+    pool = [g for c in child_pids(pipeline_node.process.pid) for g in child_pids(c)]
     assert len(pool) == 1, pool
     os.kill(pool[0], 9)
     (job,) = wait_for(lambda: finished(pipeline_node, 1), timeout=180, what="job to finish")
@@ -131,12 +127,10 @@ def test_worker_killed_during_inference_is_redelivered_and_completes_once(
         sent=len(sent),
         acked=len(sent),
         stored=len(sent & set(book.instances)),
-        jobs=sum(book.jobs_per_study.values()),
+        jobs=book.jobs,
         results=book.results,
         lost=lost + (1 - book.job_states["succeeded"]),
-        duplicated=duplicated
-        + book.result_duplicates
-        + sum(n - 1 for n in book.jobs_per_study.values()),
+        duplicated=duplicated + book.result_duplicates + book.job_duplicates,
         seconds=time.monotonic() - started,
     )
 
@@ -221,11 +215,9 @@ def test_broker_restarted_while_studies_arrive(
         sent=len(sent),
         acked=len(sent),
         stored=len(sent & set(book.instances)),
-        jobs=sum(book.jobs_per_study.values()),
+        jobs=book.jobs,
         results=book.results,
         lost=lost + 4 - book.job_states["succeeded"],
-        duplicated=duplicated
-        + book.result_duplicates
-        + sum(n - 1 for n in book.jobs_per_study.values()),
+        duplicated=duplicated + book.result_duplicates + book.job_duplicates,
         seconds=time.monotonic() - started,
     )

@@ -180,7 +180,7 @@ def test_orthanc_down_exports_retry_and_arrive_once(
         sent=CT["slices"],
         acked=CT["slices"],
         stored=len(book.instances) - 2,  # the node's own SEG and SR are indexed too
-        jobs=sum(book.jobs_per_study.values()),
+        jobs=book.jobs,
         results=book.results,
         exports=book.exports_sent,
         lost=max(0, CT["slices"] + 2 - held) + 1 - book.job_states["succeeded"],
