@@ -31,9 +31,9 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from models.phantom import SeriesSpec, ct_series_datasets
 from pacsnode.errors import IngestError
 from scp.dataset import instance_record, read_header
-from tests.support import Node, node_config, wait_for
+from tests.support import Node, child_pids, node_config, wait_for
 from tests.test_assembly import FAST, jobs
-from tests.test_pipeline import NO_MODELS, _children, finished
+from tests.test_pipeline import NO_MODELS, finished
 from workers.errors import PreprocessError
 from workers.volume import load_series
 
@@ -56,7 +56,7 @@ def settled(node: Node) -> None:
     """All services up: the Celery worker service has forked its pool process."""
     assert node.process is not None
     pid = node.process.pid
-    wait_for(lambda: any(_children(c) for c in _children(pid)), timeout=60, what="worker pool")
+    wait_for(lambda: any(child_pids(c) for c in child_pids(pid)), timeout=60, what="worker pool")
     assert echo(node)
 
 
@@ -66,8 +66,8 @@ def rss_mb(node: Node) -> float:
     assembler and the dispatcher."""
     assert node.process is not None
     total = 0
-    for pid in _children(node.process.pid):
-        if _children(pid):  # the Celery worker service has a pool process
+    for pid in child_pids(node.process.pid):
+        if child_pids(pid):  # the Celery worker service has a pool process
             continue
         try:
             status = Path(f"/proc/{pid}/status").read_text()
