@@ -12,8 +12,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from db.models import Job
-from db.session import create_db_engine
+from pacsnode.db.models import Job
+from pacsnode.db.session import create_db_engine
 
 
 def start_node(

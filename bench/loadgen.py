@@ -15,8 +15,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from models.phantom import SeriesSpec, ct_series_datasets
-from scp import reactor
+from pacsnode.lab.phantom import SeriesSpec, ct_series_datasets
+from pacsnode.scp import reactor
 from tests.support import child_pids
 
 # The senders are pynetdicom SCUs too: without the node's reactor checkpoint,

@@ -17,10 +17,10 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, func, insert, select
 
-from db.exports import ExportRow, list_exports
-from db.models import Assembly, Export, Finding, Job, Segment, Series, Study
-from db.queries import Page, Row, orm
-from workers import jobstate
+from pacsnode.db.exports import ExportRow, list_exports
+from pacsnode.db.models import Assembly, Export, Finding, Job, Segment, Series, Study
+from pacsnode.db.queries import Page, Row, orm
+from pacsnode.workers import jobstate
 
 JOB_STATES = ("pending", "queued", "running", "succeeded", "failed")
 

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db.models import Assembly, Instance, Job, Series
+from pacsnode.db.models import Assembly, Instance, Job, Series
 
 _ASSEMBLY: Table = Assembly.__table__  # type: ignore[assignment]
 _JOB: Table = Job.__table__  # type: ignore[assignment]

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
 
-from db.models import AuditEvent
+from pacsnode.db.models import AuditEvent
 
 CHANNELS = ("api", "dicom", "export", "cli")
 DETAIL_MAX = 2048

@@ -38,9 +38,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db import audit
-from db.models import Export, Instance
-from pacsnode.settings import SENDER, Destination, ExportPolicy, Settings
+from pacsnode.core.settings import SENDER, Destination, ExportPolicy, Settings
+from pacsnode.db import audit
+from pacsnode.db.models import Export, Instance
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db.models import FusionOutcome, Study
+from pacsnode.db.models import FusionOutcome, Study
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, Table
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db.models import Instance, Patient, Series, Study
+from pacsnode.db.models import Instance, Patient, Series, Study
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,9 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db.models import ModelSwitch
-from pacsnode.errors import ModelConfigError
-from pacsnode.settings import Settings
+from pacsnode.core.errors import ModelConfigError
+from pacsnode.core.settings import Settings
+from pacsnode.db.models import ModelSwitch
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +108,7 @@ class ModelState:
 
 def list_models(conn: Connection, settings: Settings) -> list[ModelState]:
     """Installed models with their effective enabled state."""
-    from models.registry import Registry
+    from pacsnode.models.registry import Registry
 
     found = switches(conn)
     registry = Registry.load(
@@ -146,7 +146,7 @@ def switch_model(
     Checked first by loading the registry as it would be: an unknown model,
     or disabling an anomaly gate that an enabled model needs, raises
     ModelConfigError and changes nothing."""
-    from models.registry import Registry
+    from pacsnode.models.registry import Registry
 
     found = [s for s in switches(conn) if not (s.name == name and s.version == version)]
     proposed = Switch(name, version, enabled, datetime.now(UTC), changed_by)

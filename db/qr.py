@@ -57,8 +57,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import aliased
 
-from db.models import Instance, Patient, Series, Study
-from pacsnode.errors import PacsnodeError
+from pacsnode.core.errors import PacsnodeError
+from pacsnode.db.models import Instance, Patient, Series, Study
 
 
 class InvalidQuery(PacsnodeError):

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Connection, Select, func, select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Job, Patient, Series, Study
+from pacsnode.db.models import Instance, Job, Patient, Series, Study
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, delete, insert, select
 
-from db.models import Finding, FindingSource, Segment
+from pacsnode.db.models import Finding, FindingSource, Segment
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,17 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, delete, func, select, update
 
-from db.models import Assembly, Export, Finding, Instance, Job, Patient, Segment, Series, Study
+from pacsnode.db.models import (
+    Assembly,
+    Export,
+    Finding,
+    Instance,
+    Job,
+    Patient,
+    Segment,
+    Series,
+    Study,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, func, insert, select
 
-from db.models import (
+from pacsnode.db.models import (
     AuditEvent,
     Export,
     Finding,
@@ -27,7 +27,7 @@ from db.models import (
     StageTiming,
     Study,
 )
-from db.queries import Row
+from pacsnode.db.queries import Row
 
 WINDOW = 1000
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, insert, select, update
 
-from db.models import ApiToken
+from pacsnode.db.models import ApiToken
 
 ROLES = ("read", "admin")
 PREFIX = "pn_"

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from models.tf_env import keras
+from pacsnode.models.tf_env import keras
 
 layers = keras.layers
 ops = keras.ops

@@ -39,8 +39,8 @@ from pydantic import (
     model_validator,
 )
 
-from pacsnode.errors import ModelConfigError
-from workers.preprocess import PreprocessSpec
+from pacsnode.core.errors import ModelConfigError
+from pacsnode.workers.preprocess import PreprocessSpec
 
 MANIFEST_FILE = "manifest.yaml"
 # Bump when a field changes meaning; a manifest written for another format

@@ -24,8 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from models.manifest import MANIFEST_FILE, ModelManifest, SeriesInfo, read_manifest
-from pacsnode.errors import ModelConfigError
+from pacsnode.core.errors import ModelConfigError
+from pacsnode.models.manifest import MANIFEST_FILE, ModelManifest, SeriesInfo, read_manifest
 
 __all__ = ["ModelRow", "RegisteredModel", "Registry", "SeriesInfo"]
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from models import architectures
-from models.tf_env import gpus, keras, tf
-from pacsnode.errors import PacsnodeError
+from pacsnode.core.errors import PacsnodeError
+from pacsnode.models import architectures
+from pacsnode.models.tf_env import gpus, keras, tf
 
 DEFAULT_BATCH_SIZE = 8
 

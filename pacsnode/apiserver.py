@@ -7,7 +7,7 @@ import logging
 import socket
 import threading
 
-from pacsnode.settings import Settings
+from pacsnode.core.settings import Settings
 
 log = logging.getLogger("pacsnode.api")
 

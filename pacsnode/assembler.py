@@ -25,9 +25,9 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from db.assembly import assembling, reset_sending, trigger, utc
-from db.fusion import expire_waits
-from pacsnode.settings import CompletionPolicy, Settings
+from pacsnode.core.settings import CompletionPolicy, Settings
+from pacsnode.db.assembly import assembling, reset_sending, trigger, utc
+from pacsnode.db.fusion import expire_waits
 
 log = logging.getLogger(__name__)
 

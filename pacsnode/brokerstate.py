@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from kombu import Connection
 
-from pacsnode.settings import Settings
-from workers.celery_app import CPU_QUEUE, GPU_QUEUE, broker_options
+from pacsnode.core.settings import Settings
+from pacsnode.workers.celery_app import CPU_QUEUE, GPU_QUEUE, broker_options
 
 QUEUES = (CPU_QUEUE, GPU_QUEUE)
 

@@ -14,11 +14,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pacsnode import cli_admin, cli_ops
-from pacsnode.errors import ConfigError
-from pacsnode.settings import Settings, load_settings
+from pacsnode.core.errors import ConfigError
+from pacsnode.core.settings import Settings, load_settings
 
 if TYPE_CHECKING:  # the phantom generator imports numpy and scipy: only when used
-    from models.phantom import Study, StudySpec
+    from pacsnode.lab.phantom import Study, StudySpec
 
 app = typer.Typer(
     help="pacsnode: an AI node beside your PACS. Not a medical device; bundled "
@@ -74,7 +74,7 @@ def worker(
     concurrency: Annotated[int, typer.Option(min=1, max=64)] = 1,
 ) -> None:
     """Run a Celery worker for pacsnode's queues (e.g. --queues gpu on a GPU machine)."""
-    from pacsnode.logs import configure_logging
+    from pacsnode.core.logs import configure_logging
     from pacsnode.serve import worker_argv
 
     settings = _settings()
@@ -83,7 +83,7 @@ def worker(
         err.print(f"[red]pacsnode worker: unknown queue(s) {sorted(unknown)}[/red]")
         raise typer.Exit(2)
     configure_logging(settings.log_level, "worker", settings.log_format)
-    from workers.tasks import app as celery_app
+    from pacsnode.workers.tasks import app as celery_app
 
     celery_app.worker_main(argv=worker_argv(queues, concurrency, settings.log_level))
 
@@ -94,8 +94,8 @@ def echo(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the peer")] = 10.0,
 ) -> None:
     """Send a C-ECHO (verification) from pacsnode's AE title to a peer."""
-    from scp.echo import EchoError, parse_target
-    from scp.echo import echo as send_echo
+    from pacsnode.scp.echo import EchoError, parse_target
+    from pacsnode.scp.echo import echo as send_echo
 
     settings = _settings()
     try:
@@ -122,8 +122,8 @@ def studies(
     ] = None,
 ) -> None:
     """List received studies, most recent first."""
-    from db.queries import STUDY_STATUSES, StudyFilter, list_studies
-    from db.session import create_db_engine
+    from pacsnode.db.queries import STUDY_STATUSES, StudyFilter, list_studies
+    from pacsnode.db.session import create_db_engine
 
     for name, value in (("date-from", date_from), ("date-to", date_to)):
         if value is not None and not (len(value) == 8 and value.isdigit()):
@@ -182,7 +182,7 @@ def _check_state(state: str | None, allowed: tuple[str, ...]) -> None:
 
 
 def _when(value: datetime | None) -> str:
-    from db.exports import utc
+    from pacsnode.db.exports import utc
 
     return "-" if value is None else utc(value).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -199,8 +199,8 @@ def exports_list(
     """List exports, newest first (one row per output object and destination)."""
     if ctx.invoked_subcommand is not None:
         return
-    from db.exports import STATES, counts, list_exports
-    from db.session import create_db_engine
+    from pacsnode.db.exports import STATES, counts, list_exports
+    from pacsnode.db.session import create_db_engine
 
     _check_state(state, STATES)
     engine = create_db_engine(_settings().effective_database_url)
@@ -235,8 +235,8 @@ def exports_retry(
     destination: Annotated[str | None, typer.Option(help="destination name")] = None,
 ) -> None:
     """Re-queue exports (failed ones by default) with a new deadline; a worker sends them soon."""
-    from db.exports import RETRYABLE_STATES, known_destinations, retry_exports
-    from db.session import create_db_engine
+    from pacsnode.db.exports import RETRYABLE_STATES, known_destinations, retry_exports
+    from pacsnode.db.session import create_db_engine
 
     _check_state(state, RETRYABLE_STATES)
     settings = _settings()
@@ -260,8 +260,8 @@ def exports_retry(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the database schema to the newest revision."""
-    from db.migrate import upgrade
-    from db.session import create_db_engine
+    from pacsnode.db.migrate import upgrade
+    from pacsnode.db.session import create_db_engine
 
     settings = _settings()
     revision = upgrade(create_db_engine(settings.effective_database_url))
@@ -283,7 +283,7 @@ def config_show(
 def _demo_spec(
     modalities: str, seed: int, slices: int, size: int, lesions: int | None
 ) -> StudySpec:
-    from models.phantom import StudySpec
+    from pacsnode.lab.phantom import StudySpec
 
     chosen = tuple(dict.fromkeys(m.strip().upper() for m in modalities.split(",") if m.strip()))
     try:
@@ -325,9 +325,9 @@ def demo_send(
     """Generate a synthetic phantom study and C-STORE it (testing and demonstration only)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from models.phantom import generate_study, study_datasets
-    from models.phantom.send import SendError, send_datasets
-    from scp.echo import parse_target
+    from pacsnode.lab.phantom import generate_study, study_datasets
+    from pacsnode.lab.phantom.send import SendError, send_datasets
+    from pacsnode.scp.echo import parse_target
 
     try:
         ae_title, host, port = parse_target(target)
@@ -368,7 +368,7 @@ def demo_write(
     lesions: _Lesions = None,
 ) -> None:
     """Write a synthetic phantom study and its ground truth (testing and demonstration only)."""
-    from models.phantom import generate_study, write_study
+    from pacsnode.lab.phantom import generate_study, write_study
 
     study = generate_study(_demo_spec(modalities, seed, slices, size, lesions))
     written = write_study(folder, study)
@@ -425,9 +425,9 @@ def train(
     training.json. Seeded: the same seed and steps give the same model up to
     floating-point rounding.
     """
-    from models import fusion_recipe
-    from models.fusion_training import train_fusion_model
-    from models.recipes import FULL, RECIPES, TINY, train_model
+    from pacsnode.lab import fusion_recipe
+    from pacsnode.lab.fusion_training import train_fusion_model
+    from pacsnode.lab.recipes import FULL, RECIPES, TINY, train_model
 
     names = _model_names(model, [*RECIPES, fusion_recipe.NAME])
     folder = out_dir if out_dir is not None else _settings().models_dir
@@ -459,9 +459,9 @@ def evaluate(
     check: Annotated[bool, typer.Option(help="exit 1 when a model misses its target")] = False,
 ) -> None:
     """Evaluate installed models on held-out synthetic phantoms, in inference mode."""
-    from models.heldout import evaluate as run_evaluation
-    from models.registry import Registry
-    from pacsnode.errors import ModelConfigError
+    from pacsnode.core.errors import ModelConfigError
+    from pacsnode.lab.heldout import evaluate as run_evaluation
+    from pacsnode.models.registry import Registry
 
     settings = _settings()
     try:
@@ -493,7 +493,7 @@ def evaluate(
             _fmt(m.get("false_alarm_rate")), _fmt(m.get("target_met")),
         )  # fmt: skip
     Console(width=max(out.width, 150)).print(table)  # wide enough when piped
-    from models.fusion_eval import fusion_table
+    from pacsnode.lab.fusion_eval import fusion_table
 
     if (fused := fusion_table(results)) is not None:
         Console(width=max(out.width, 150)).print(fused)
@@ -503,7 +503,7 @@ def evaluate(
         highlight=False,
     )
     summary = {r.model: {"task": r.task, **r.metrics} for r in results}
-    from models.evaluation import _jsonable
+    from pacsnode.lab.evaluation import _jsonable
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")

@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from db import audit
 from pacsnode.cli_admin import (
     AsJson,
     _choice,
@@ -23,6 +22,7 @@ from pacsnode.cli_admin import (
     err,
     out,
 )
+from pacsnode.db import audit
 
 tokens_app = typer.Typer(help="Bearer tokens of the admin API.", no_args_is_help=True)
 
@@ -33,7 +33,7 @@ def tokens_create(
     name: Annotated[str, typer.Option(help="who or what uses it (shown in the audit trail)")] = "",
 ) -> None:
     """Create an API token and print it once (only its SHA-256 is stored)."""
-    from db.tokens import ROLES, create_token
+    from pacsnode.db.tokens import ROLES, create_token
 
     _choice("role", role, ROLES)
     name = name.strip() or f"{role}-{datetime.now(UTC):%Y%m%d%H%M%S}"
@@ -58,7 +58,7 @@ def tokens_create(
 @tokens_app.command("list")
 def tokens_list(as_json: AsJson = False) -> None:
     """Tokens (names and roles; never the tokens themselves)."""
-    from db.tokens import list_tokens
+    from pacsnode.db.tokens import list_tokens
 
     with _engine(_settings()).connect() as conn:
         rows = list_tokens(conn)
@@ -92,7 +92,7 @@ def tokens_list(as_json: AsJson = False) -> None:
 @tokens_app.command("revoke")
 def tokens_revoke(token_id: Annotated[int, typer.Argument(help="token id (tokens list)")]) -> None:
     """Revoke a token: it stops working at once."""
-    from db.tokens import revoke
+    from pacsnode.db.tokens import revoke
 
     with _engine(_settings()).begin() as conn:
         done = revoke(conn, token_id)
@@ -108,9 +108,9 @@ def api() -> None:
     import signal
     import threading
 
-    from db.migrate import upgrade
     from pacsnode.apiserver import bind_api, run_api
-    from pacsnode.logs import configure_logging
+    from pacsnode.core.logs import configure_logging
+    from pacsnode.db.migrate import upgrade
 
     settings = _settings()
     configure_logging(settings.log_level, process_name="api")

@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Engine
 
-from db import audit
-from pacsnode.errors import ConfigError
-from pacsnode.settings import Settings, load_settings
+from pacsnode.core.errors import ConfigError
+from pacsnode.core.settings import Settings, load_settings
+from pacsnode.db import audit
 
 out = Console()
 err = Console(stderr=True)
@@ -51,7 +51,7 @@ def _settings() -> Settings:
 
 
 def _engine(settings: Settings) -> Engine:
-    from db.session import create_db_engine
+    from pacsnode.db.session import create_db_engine
 
     return create_db_engine(settings.effective_database_url)
 
@@ -118,7 +118,7 @@ def jobs_list(
     """List jobs, newest first."""
     if ctx.invoked_subcommand is not None:
         return
-    from db.admin import JOB_STATES, list_jobs
+    from pacsnode.db.admin import JOB_STATES, list_jobs
 
     _choice("state", state, JOB_STATES)
     with _engine(_settings()).connect() as conn:
@@ -147,7 +147,7 @@ def jobs_retry(
     ids: Annotated[list[int] | None, typer.Option("--id", help="job id (repeatable)")] = None,
 ) -> None:
     """Put failed jobs (all, or those given) back to pending; the dispatcher queues them."""
-    from db.admin import retry_jobs
+    from pacsnode.db.admin import retry_jobs
 
     with _engine(_settings()).begin() as conn:
         done = retry_jobs(conn, ids or None)
@@ -158,7 +158,7 @@ def jobs_retry(
 @jobs_app.command("reprocess")
 def jobs_reprocess(study: Annotated[str, typer.Argument(help="Study Instance UID")]) -> None:
     """Run the pipeline on a whole study again (a new job through the outbox)."""
-    from db.admin import NotFound, reprocess_study
+    from pacsnode.db.admin import NotFound, reprocess_study
 
     try:
         with _engine(_settings()).begin() as conn:
@@ -200,7 +200,7 @@ def results_findings(
     """Classification findings, newest first (e.g. --model lesion --min-probability 0.8)."""
     if ctx.invoked_subcommand is not None:
         return
-    from db.admin import ResultFilter, list_findings
+    from pacsnode.db.admin import ResultFilter, list_findings
 
     flt = ResultFilter(
         model,
@@ -256,7 +256,7 @@ def results_segments(
     offset: Offset = 0,
 ) -> None:
     """Segments with their measurements, newest first."""
-    from db.admin import ResultFilter, list_segments
+    from pacsnode.db.admin import ResultFilter, list_segments
 
     flt = ResultFilter(
         model,
@@ -298,7 +298,7 @@ def models_list(ctx: typer.Context, as_json: AsJson = False) -> None:
     """Installed models and whether the next job runs them."""
     if ctx.invoked_subcommand is not None:
         return
-    from db.modelswitch import list_models
+    from pacsnode.db.modelswitch import list_models
 
     settings = _settings()
     with _engine(settings).connect() as conn:
@@ -321,8 +321,8 @@ def models_list(ctx: typer.Context, as_json: AsJson = False) -> None:
 
 
 def _switch(name: str, version: str, enabled: bool) -> None:
-    from db.modelswitch import switch_model
-    from pacsnode.errors import ModelConfigError
+    from pacsnode.core.errors import ModelConfigError
+    from pacsnode.db.modelswitch import switch_model
 
     settings = _settings()
     actor = cli_actor()
@@ -358,7 +358,7 @@ def models_disable(name: _Name, version: _OneVersion = "") -> None:
 
 def stats(as_json: AsJson = False) -> None:
     """Counts, throughput and p50/p95 stage latencies (per model for forward passes)."""
-    from db.stats import stats as node_stats
+    from pacsnode.db.stats import stats as node_stats
 
     with _engine(_settings()).connect() as conn:
         figures = node_stats(conn)

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pacsnode.errors import ConfigError
-from pacsnode.settings import Settings, load_settings
+from pacsnode.core.errors import ConfigError
+from pacsnode.core.settings import Settings, load_settings
 
 out = Console()
 err = Console(stderr=True)
@@ -41,8 +41,8 @@ def cleanup(
     finished, or has a result not yet sent to its destinations; those are
     listed with the reason they were kept.
     """
-    from db.retention import apply_retention, summarize
-    from db.session import create_db_engine
+    from pacsnode.db.retention import apply_retention, summarize
+    from pacsnode.db.session import create_db_engine
 
     settings = _settings()
     days = keep_days if keep_days is not None else settings.retention.keep_days
@@ -128,8 +128,8 @@ def healthcheck(
 
 
 def _check_database(settings: Settings) -> None:
-    from db.migrate import current_revision, head_revision
-    from db.session import create_db_engine
+    from pacsnode.db.migrate import current_revision, head_revision
+    from pacsnode.db.session import create_db_engine
 
     engine = create_db_engine(settings.effective_database_url)
     try:

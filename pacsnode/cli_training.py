@@ -41,8 +41,8 @@ def export_training(
     volumes and results still reference their source images. Pixel data is
     copied as stored: check for burned-in text before sharing.
     """
-    from db.session import create_db_engine
     from pacsnode.cli import _settings
+    from pacsnode.db.session import create_db_engine
     from pacsnode.deidentify import Selection, export_deidentified
 
     if not deidentify:

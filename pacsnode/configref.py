@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from pacsnode.settings import BUNDLED_MODELS_DIR, CONFIG_ENV, Settings
+from pacsnode.core.settings import BUNDLED_MODELS_DIR, CONFIG_ENV, Settings
 
 HEADER = f"""# Configuration reference
 

@@ -16,8 +16,8 @@ from pydicom.uid import UID, Comprehensive3DSRStorage, SegmentationStorage
 from pynetdicom import StoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
 
-from pacsnode.settings import Settings
-from scp.server import build_ae
+from pacsnode.core.settings import Settings
+from pacsnode.scp.server import build_ae
 
 _MARK = re.compile(
     r"(<!-- generated: (?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- end generated: (?P=name) -->)",
@@ -115,7 +115,7 @@ def cfind_key_table() -> str:
     patient keys at the STUDY level)."""
     from pydicom.datadict import tag_for_keyword
 
-    from db.qr import KEYS, UNIQUE_KEY
+    from pacsnode.db.qr import KEYS, UNIQUE_KEY
 
     lines = ["| Level | Attribute | Tag | Type | Matching |", "| --- | --- | --- | --- | --- |"]
     for key in sorted(KEYS.values(), key=lambda k: k.level):

@@ -32,7 +32,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine, select
 
-from db.models import Finding, Instance, Series, Study
+from pacsnode.db.models import Finding, Instance, Series, Study
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from datetime import UTC, datetime, timedelta
 from celery import Celery
 from sqlalchemy import Engine
 
-from db import exports
-from workers import jobstate
-from workers.celery_app import CPU_QUEUE, TASK_TIME_LIMIT_S
+from pacsnode.db import exports
+from pacsnode.workers import jobstate
+from pacsnode.workers.celery_app import CPU_QUEUE, TASK_TIME_LIMIT_S
 
 log = logging.getLogger(__name__)
 

@@ -19,17 +19,17 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from db.migrate import upgrade
-from db.session import create_db_engine
 from pacsnode.apiserver import bind_api, run_api
 from pacsnode.assembler import run_assembler
-from pacsnode.errors import ConfigError
-from pacsnode.logs import configure_logging
-from pacsnode.settings import Settings
-from scp.server import SCPSupervisor, Service
+from pacsnode.core.errors import ConfigError
+from pacsnode.core.logs import configure_logging
+from pacsnode.core.settings import Settings
+from pacsnode.db.migrate import upgrade
+from pacsnode.db.session import create_db_engine
+from pacsnode.scp.server import SCPSupervisor, Service
 
 if TYPE_CHECKING:
-    from models.registry import Registry
+    from pacsnode.models.registry import Registry
 
 log = logging.getLogger("pacsnode.serve")
 
@@ -42,7 +42,7 @@ def assembler_service(settings: Settings, stop: threading.Event) -> None:
 
 def dispatcher_service(settings: Settings, stop: threading.Event) -> None:
     from pacsnode.dispatcher import run_dispatcher
-    from workers.celery_app import make_app
+    from pacsnode.workers.celery_app import make_app
 
     engine = create_db_engine(settings.effective_database_url)
     run_dispatcher(engine, make_app(settings), stop)
@@ -70,8 +70,8 @@ def worker_service(settings: Settings, stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     if stop.is_set():
         return
-    from workers.celery_app import CPU_QUEUE, GPU_QUEUE
-    from workers.tasks import app
+    from pacsnode.workers.celery_app import CPU_QUEUE, GPU_QUEUE
+    from pacsnode.workers.tasks import app
 
     app.worker_main(argv=worker_argv(f"{CPU_QUEUE},{GPU_QUEUE}", 1, settings.log_level))
 
@@ -81,7 +81,7 @@ def check_models(settings: Settings) -> Registry:
     weights file that does not match its hash stops the node here, with the
     file named, instead of failing jobs later. Imported lazily: reading
     manifests pulls in the preprocessing module (numpy, scipy)."""
-    from models.registry import Registry
+    from pacsnode.models.registry import Registry
 
     registry = Registry.load(settings.models_dir, settings.disabled_models)
     log.info(

@@ -1,5 +1,5 @@
 """DICOM networking of pacsnode: the storage SCP, peer policy, spool and index writes."""
 
-from scp.reactor import install as _install_reactor_checkpoint
+from pacsnode.scp.reactor import install as _install_reactor_checkpoint
 
 _install_reactor_checkpoint()

@@ -11,9 +11,9 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
-from db.index import InstanceRecord
-from pacsnode.errors import InvalidDataset, NonConformantDataset
-from scp.spool import spool_relpath
+from pacsnode.core.errors import InvalidDataset, NonConformantDataset
+from pacsnode.db.index import InstanceRecord
+from pacsnode.scp.spool import spool_relpath
 
 # PS3.5 §9.1: components of digits without leading zeros, separated by '.',
 # at most 64 characters. This is also what keeps a UID safe as a file name.

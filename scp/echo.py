@@ -10,7 +10,7 @@ from pynetdicom import AE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacsnode.errors import PacsnodeError
+from pacsnode.core.errors import PacsnodeError
 
 _TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
 

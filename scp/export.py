@@ -40,9 +40,9 @@ from pynetdicom.presentation import build_context
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from sqlalchemy import Engine
 
-from db import exports
-from pacsnode.settings import Destination, Settings
-from pacsnode.tls import client_context
+from pacsnode.core.settings import Destination, Settings
+from pacsnode.core.tls import client_context
+from pacsnode.db import exports
 
 log = logging.getLogger(__name__)
 

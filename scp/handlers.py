@@ -22,12 +22,12 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
-from pacsnode.errors import NonConformantDataset
-from scp.dataset import instance_record, read_header
-from scp.indexer import AssociationSummary, GroupCommitIndexer, group_key
-from scp.policy import AssociationGate
-from scp.spool import Spool
-from scp.status import StoreStatus, dimse_status
+from pacsnode.core.errors import NonConformantDataset
+from pacsnode.scp.dataset import instance_record, read_header
+from pacsnode.scp.indexer import AssociationSummary, GroupCommitIndexer, group_key
+from pacsnode.scp.policy import AssociationGate
+from pacsnode.scp.spool import Spool
+from pacsnode.scp.status import StoreStatus, dimse_status
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from db import audit
-from db.assembly import Arrival, close_associations, note_arrivals
-from db.index import InstanceRecord, SeriesCache, upsert_instances
-from pacsnode.errors import IndexUnavailable
+from pacsnode.core.errors import IndexUnavailable
+from pacsnode.db import audit
+from pacsnode.db.assembly import Arrival, close_associations, note_arrivals
+from pacsnode.db.index import InstanceRecord, SeriesCache, upsert_instances
 
 log = logging.getLogger(__name__)
 

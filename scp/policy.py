@@ -15,8 +15,8 @@ from typing import cast
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from pacsnode.settings import Settings
-from scp.status import (
+from pacsnode.core.settings import Settings
+from pacsnode.scp.status import (
     CALLED_AE_NOT_RECOGNIZED,
     CALLING_AE_NOT_RECOGNIZED,
     LOCAL_LIMIT_EXCEEDED,

@@ -58,11 +58,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 from sqlalchemy import Engine
 
-from db.qr import InformationModel, InvalidQuery, StoredInstance, instances, retrieve_query
-from pacsnode.settings import Settings
-from scp.query import failure as failure_status
-from scp.query import handle_find, read_identifier
-from scp.status import QRStatus
+from pacsnode.core.settings import Settings
+from pacsnode.db.qr import InformationModel, InvalidQuery, StoredInstance, instances, retrieve_query
+from pacsnode.scp.query import failure as failure_status
+from pacsnode.scp.query import handle_find, read_identifier
+from pacsnode.scp.status import QRStatus
 
 log = logging.getLogger(__name__)
 

@@ -49,14 +49,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from db.session import create_db_engine
-from pacsnode.settings import Settings
-from pacsnode.tls import server_context
-from scp.handlers import handlers
-from scp.indexer import GroupCommitIndexer
-from scp.policy import AssociationGate
-from scp.retrieve import query_retrieve_handlers
-from scp.spool import Spool
+from pacsnode.core.settings import Settings
+from pacsnode.core.tls import server_context
+from pacsnode.db.session import create_db_engine
+from pacsnode.scp.handlers import handlers
+from pacsnode.scp.indexer import GroupCommitIndexer
+from pacsnode.scp.policy import AssociationGate
+from pacsnode.scp.retrieve import query_retrieve_handlers
+from pacsnode.scp.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def _child_stop_event() -> threading.Event:
 def _worker_main(settings: Settings, listener: socket.socket, counts: Any, slot: int) -> None:
     _die_with_parent()
     stop = _child_stop_event()
-    from pacsnode.logs import configure_logging
+    from pacsnode.core.logs import configure_logging
 
     configure_logging(settings.log_level, f"scp-{slot}", settings.log_format)
     run_worker(settings, listener, counts, slot, stop)
@@ -349,7 +349,7 @@ Service = Callable[[Settings, threading.Event], None]
 def _service_main(name: str, target: Service, settings: Settings) -> None:
     _die_with_parent()
     stop = _child_stop_event()
-    from pacsnode.logs import configure_logging
+    from pacsnode.core.logs import configure_logging
 
     configure_logging(settings.log_level, name, settings.log_format)
     target(settings, stop)

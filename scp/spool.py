@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from pacsnode.errors import OutOfResources
+from pacsnode.core.errors import OutOfResources
 
 
 def spool_relpath(study_uid: str, series_uid: str, sop_uid: str) -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from db.qr import IndexQueryError, InvalidQuery
-from pacsnode.errors import (
+from pacsnode.core.errors import (
     IngestError,
     InvalidDataset,
     NonConformantDataset,
     OutOfResources,
 )
+from pacsnode.db.qr import IndexQueryError, InvalidQuery
 
 
 class StoreStatus(IntEnum):

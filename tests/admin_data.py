@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, insert, select
 
-from db.index import upsert_instances
-from db.models import Assembly, Export, Finding, Instance, Job, Segment, Study
-from db.stats import record_timings
+from pacsnode.db.index import upsert_instances
+from pacsnode.db.models import Assembly, Export, Finding, Instance, Job, Segment, Study
+from pacsnode.db.stats import record_timings
 from tests.test_index import _record
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

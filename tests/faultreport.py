@@ -19,8 +19,8 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from db.models import Export, Finding, Instance, Job, Segment
-from db.session import create_db_engine
+from pacsnode.db.models import Export, Finding, Instance, Job, Segment
+from pacsnode.db.session import create_db_engine
 
 
 @dataclass

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from db.models import AuditEvent
-from db.session import create_db_engine
-from models.phantom import SeriesSpec, StudySpec, ct_series_datasets, write_study
+from pacsnode.db.models import AuditEvent
+from pacsnode.db.session import create_db_engine
+from pacsnode.lab.phantom import SeriesSpec, StudySpec, ct_series_datasets, write_study
 from tests.support import IN_CI, Node, free_port, node_config, storescu, wait_for
 from tests.test_assembly import FAST
 

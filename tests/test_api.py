@@ -16,13 +16,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 
-from db.migrate import upgrade
-from db.models import AuditEvent, Job
-from db.session import create_db_engine
-from db.tokens import create_token
 from pacsnode.api import create_app
-from pacsnode.errors import ConfigError
-from pacsnode.settings import load_settings
+from pacsnode.core.errors import ConfigError
+from pacsnode.core.settings import load_settings
+from pacsnode.db.migrate import upgrade
+from pacsnode.db.models import AuditEvent, Job
+from pacsnode.db.session import create_db_engine
+from pacsnode.db.tokens import create_token
 from tests.admin_data import STUDIES, populate, study_uid
 
 V1 = "/api/v1"

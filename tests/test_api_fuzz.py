@@ -13,12 +13,12 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from sqlalchemy import Engine, func, select
 
-from db.migrate import upgrade
-from db.models import Export, Finding, Instance, Job, Study
-from db.session import create_db_engine
-from db.tokens import create_token
 from pacsnode.api import create_app
-from pacsnode.settings import load_settings
+from pacsnode.core.settings import load_settings
+from pacsnode.db.migrate import upgrade
+from pacsnode.db.models import Export, Finding, Instance, Job, Study
+from pacsnode.db.session import create_db_engine
+from pacsnode.db.tokens import create_token
 from tests.admin_data import populate
 
 EXAMPLES = 8

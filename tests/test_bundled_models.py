@@ -16,10 +16,10 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from db.models import Finding, Segment, Series
-from db.session import create_db_engine
-from models.phantom import StudySpec, write_study
-from pacsnode.settings import BUNDLED_MODELS_DIR
+from pacsnode.core.settings import BUNDLED_MODELS_DIR
+from pacsnode.db.models import Finding, Segment, Series
+from pacsnode.db.session import create_db_engine
+from pacsnode.lab.phantom import StudySpec, write_study
 from tests.support import IN_CI, Node, node_config, storescu, wait_for
 from tests.test_assembly import FAST, jobs
 

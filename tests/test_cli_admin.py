@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from db.migrate import upgrade
-from db.models import AuditEvent
-from db.session import create_db_engine
 from pacsnode.cli import app
+from pacsnode.db.migrate import upgrade
+from pacsnode.db.models import AuditEvent
+from pacsnode.db.session import create_db_engine
 from tests.admin_data import populate, study_uid
 
 

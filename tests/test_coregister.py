@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from models.phantom import Grid, SeriesImage, StudyHeader, series_datasets
-from workers.coregister import TargetGrid, check_same_frame, resample_onto
-from workers.errors import CoregistrationError
-from workers.fusion import stack_roles
-from workers.preprocess import PreprocessSpec
-from workers.volume import Volume, load_series
+from pacsnode.lab.phantom import Grid, SeriesImage, StudyHeader, series_datasets
+from pacsnode.workers.coregister import TargetGrid, check_same_frame, resample_onto
+from pacsnode.workers.errors import CoregistrationError
+from pacsnode.workers.fusion import stack_roles
+from pacsnode.workers.preprocess import PreprocessSpec
+from pacsnode.workers.volume import Volume, load_series
 
 MARKER_MM = (23.0, -41.0, 17.0)  # patient (x, y, z)
 

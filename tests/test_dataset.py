@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from models.phantom import SeriesSpec, ct_series_datasets
-from pacsnode.errors import InvalidDataset, NonConformantDataset, OutOfResources
-from scp.dataset import instance_record, is_valid_uid, read_header
-from scp.spool import Spool
+from pacsnode.core.errors import InvalidDataset, NonConformantDataset, OutOfResources
+from pacsnode.lab.phantom import SeriesSpec, ct_series_datasets
+from pacsnode.scp.dataset import instance_record, is_valid_uid, read_header
+from pacsnode.scp.spool import Spool
 
 
 @pytest.mark.parametrize("uid", ["1.2.840.10008.1.2", "0.0", "1.2." + "9" * 60])

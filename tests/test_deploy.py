@@ -21,8 +21,8 @@ import typer
 import yaml
 
 from pacsnode.cli import app
-from pacsnode.logs import configure_logging
-from pacsnode.settings import CONFIG_ENV, Settings, load_settings
+from pacsnode.core.logs import configure_logging
+from pacsnode.core.settings import CONFIG_ENV, Settings, load_settings
 from tests.support import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent

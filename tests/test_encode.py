@@ -24,17 +24,15 @@ from pydicom.uid import PYDICOM_ROOT_UID
 from sqlalchemy import func, select
 
 import pacsnode
-from db.models import Assembly, Instance, Job, Patient, Series, Study
-from db.results import Code, FindingRecord, ModelIdentity, SegmentRecord
-from db.session import create_db_engine
-from models.manifest import ModelManifest
-from models.phantom import StudySpec, write_study
-from pacsnode.settings import SegOptions, Settings
-from scp.dataset import is_valid_uid
-from tests.support import Node, node_config, require_binary, storescu, wait_for
-from tests.test_assembly import FAST, jobs
-from workers import pipeline
-from workers.encode import (
+from pacsnode.core.settings import SegOptions, Settings
+from pacsnode.db.models import Assembly, Instance, Job, Patient, Series, Study
+from pacsnode.db.results import Code, FindingRecord, ModelIdentity, SegmentRecord
+from pacsnode.db.session import create_db_engine
+from pacsnode.lab.phantom import StudySpec, write_study
+from pacsnode.models.manifest import ModelManifest
+from pacsnode.scp.dataset import is_valid_uid
+from pacsnode.workers import pipeline
+from pacsnode.workers.encode import (
     OOD_SCORE,
     OUT_OF_DISTRIBUTION,
     EncodeError,
@@ -42,9 +40,11 @@ from workers.encode import (
     encode_job,
     read_source,
 )
-from workers.infer import ModelResult
-from workers.outputs import DISCLAIMER, EncodedObject
-from workers.volume import Volume, load_series
+from pacsnode.workers.infer import ModelResult
+from pacsnode.workers.outputs import DISCLAIMER, EncodedObject
+from pacsnode.workers.volume import Volume, load_series
+from tests.support import Node, node_config, require_binary, storescu, wait_for
+from tests.test_assembly import FAST, jobs
 
 LESION = {"value": "52988006", "scheme_designator": "SCT", "meaning": "Lesion"}
 MASS = {"value": "4147007", "scheme_designator": "SCT", "meaning": "Mass"}

@@ -28,20 +28,20 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import Engine, select
 
-from db import exports
-from db.index import upsert_instances
-from db.migrate import upgrade
-from db.models import Export, Instance
-from db.session import create_db_engine
-from models.phantom import SeriesSpec, write_ct_series
+from pacsnode.core.settings import Destination, ExportPolicy, Settings, load_settings
+from pacsnode.db import exports
+from pacsnode.db.index import upsert_instances
+from pacsnode.db.migrate import upgrade
+from pacsnode.db.models import Export, Instance
+from pacsnode.db.session import create_db_engine
 from pacsnode.dispatcher import ExportPublisher
-from pacsnode.settings import Destination, ExportPolicy, Settings, load_settings
-from scp.export import run_due, send_batch
+from pacsnode.lab.phantom import SeriesSpec, write_ct_series
+from pacsnode.scp.export import run_due, send_batch
+from pacsnode.workers.celery_app import make_app
+from pacsnode.workers.tasks import EXPORT_TIME_LIMIT_S
 from tests.faultreport import ledger
 from tests.support import Node, free_port, node_config, require_binary, storescu, wait_for
 from tests.test_index import _record
-from workers.celery_app import make_app
-from workers.tasks import EXPORT_TIME_LIMIT_S
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -216,7 +216,7 @@ def test_destinations_follow_rules_and_sender(caplog: pytest.LogCaptureFixture) 
         "pacs",
         "peer-CT1",
     ]
-    with caplog.at_level(logging.WARNING, logger="db.exports"):
+    with caplog.at_level(logging.WARNING, logger="pacsnode.db.exports"):
         names = [d.name for d in exports.destinations_for(settings, "ct-classifier", "MR1")]
     assert names == ["pacs", "research"]
     assert "'MR1'" in caplog.text and "@sender" in caplog.text

@@ -119,7 +119,7 @@ def test_postgres_restarted_during_a_job(
     )
     node.database_url = private_postgres.url
     node.start()
-    from models.phantom import SeriesSpec, write_ct_series
+    from pacsnode.lab.phantom import SeriesSpec, write_ct_series
 
     for k in range(2):
         folder = tmp_path / "in" / f"s{k}"

@@ -15,14 +15,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from models.fusion_recipe import NAME, avid_slices, study_spec
-from models.fusion_recipe import TINY as FUSION_TINY
-from models.manifest import ModelManifest, SeriesInfo, read_manifest
-from models.phantom import generate_study
 from pacsnode.cli import app
-from pacsnode.errors import ModelConfigError
-from pacsnode.settings import BUNDLED_MODELS_DIR
-from workers.fusion import Candidate, choose_series, decision_scores, missing_outcome
+from pacsnode.core.errors import ModelConfigError
+from pacsnode.core.settings import BUNDLED_MODELS_DIR
+from pacsnode.lab.fusion_recipe import NAME, avid_slices, study_spec
+from pacsnode.lab.fusion_recipe import TINY as FUSION_TINY
+from pacsnode.lab.phantom import generate_study
+from pacsnode.models.manifest import ModelManifest, SeriesInfo, read_manifest
+from pacsnode.workers.fusion import Candidate, choose_series, decision_scores, missing_outcome
 
 BUNDLED = BUNDLED_MODELS_DIR / NAME / "manifest.yaml"
 

@@ -19,11 +19,11 @@ import highdicom as hd
 import pytest
 from sqlalchemy import select
 
-from db.models import Finding, FindingSource, FusionOutcome, Instance, Series
-from db.session import create_db_engine
-from models.fusion_recipe import NAME
-from models.phantom import StudySpec, write_study
-from pacsnode.settings import BUNDLED_MODELS_DIR
+from pacsnode.core.settings import BUNDLED_MODELS_DIR
+from pacsnode.db.models import Finding, FindingSource, FusionOutcome, Instance, Series
+from pacsnode.db.session import create_db_engine
+from pacsnode.lab.fusion_recipe import NAME
+from pacsnode.lab.phantom import StudySpec, write_study
 from tests.support import Node, node_config, storescu, wait_for
 from tests.test_assembly import FAST, jobs
 from tests.test_encode import SR_WARNING, dciodvfy

@@ -20,7 +20,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
 
 from pacsnode import configref, conformance
 from pacsnode.cli import app
-from pacsnode.settings import Settings
+from pacsnode.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -122,7 +122,7 @@ def test_documented_commands_exist() -> None:
 
 def test_guide_manifest_and_configuration_are_valid(tmp_path: Path) -> None:
     """The manifest and node configuration printed in the plug-in guide load."""
-    from models.manifest import read_manifest
+    from pacsnode.models.manifest import read_manifest
 
     text = (DOCS / "plug-in-your-model.md").read_text()
     manifest = re.search(r"```yaml\n(# Written by docs/examples.*?)```", text, re.DOTALL)

@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy import func, select
 
-from db.index import InstanceRecord
-from db.migrate import current_revision, head_revision, upgrade
-from db.models import Instance, Patient, Series, Study
-from db.session import create_db_engine
-from scp.indexer import GroupCommitIndexer
+from pacsnode.db.index import InstanceRecord
+from pacsnode.db.migrate import current_revision, head_revision, upgrade
+from pacsnode.db.models import Instance, Patient, Series, Study
+from pacsnode.db.session import create_db_engine
+from pacsnode.scp.indexer import GroupCommitIndexer
 
 
 def _record(n: int, series: int = 0, study: int = 0) -> InstanceRecord:

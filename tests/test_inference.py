@@ -17,9 +17,9 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from db.models import Finding, Segment
-from db.session import create_db_engine
-from models.phantom import SeriesSpec, write_ct_series
+from pacsnode.db.models import Finding, Segment
+from pacsnode.db.session import create_db_engine
+from pacsnode.lab.phantom import SeriesSpec, write_ct_series
 from tests.support import Node, node_config, storescu, wait_for
 from tests.test_assembly import FAST, jobs
 
@@ -37,8 +37,8 @@ SEGMENT = {
 def install_model(
     root: Path, name: str, task: str, architecture: str, shape: list[int], **extra: Any
 ) -> None:
-    from models.architectures import build
-    from models.training import save_weights
+    from pacsnode.lab.training import save_weights
+    from pacsnode.models.architectures import build
 
     params: dict[str, Any] = {"base_filters": 4}
     if architecture == "sequence_classifier":

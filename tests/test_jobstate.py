@@ -8,16 +8,16 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, select
 
-from db.assembly import Arrival, assembling, note_arrivals, trigger
-from db.index import upsert_instances
-from db.migrate import upgrade
-from db.models import Finding, Job, Segment, Series
-from db.results import Code, FindingRecord, ModelIdentity, SegmentRecord, replace_results
-from db.session import create_db_engine
+from pacsnode.db.assembly import Arrival, assembling, note_arrivals, trigger
+from pacsnode.db.index import upsert_instances
+from pacsnode.db.migrate import upgrade
+from pacsnode.db.models import Finding, Job, Segment, Series
+from pacsnode.db.results import Code, FindingRecord, ModelIdentity, SegmentRecord, replace_results
+from pacsnode.db.session import create_db_engine
 from pacsnode.dispatcher import MAX_ATTEMPTS, recover_lost_jobs
+from pacsnode.workers import jobstate
+from pacsnode.workers.celery_app import TASK_TIME_LIMIT_S
 from tests.test_index import _record
-from workers import jobstate
-from workers.celery_app import TASK_TIME_LIMIT_S
 
 
 def _job(engine: Engine, study: int) -> int:

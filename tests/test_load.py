@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import select
 
 from bench.loadgen import RssSampler, make_series, send_concurrently
-from db.models import Instance
-from db.session import create_db_engine
+from pacsnode.db.models import Instance
+from pacsnode.db.session import create_db_engine
 from tests.support import Node, node_config, wait_for
 from tests.test_assembly import FAST, jobs
 from tests.test_pipeline import NO_MODELS, finished

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from models.manifest import SeriesInfo, read_manifest
-from models.registry import Registry, version_key
-from pacsnode.errors import ConfigError, ModelConfigError
-from pacsnode.settings import load_settings
+from pacsnode.core.errors import ConfigError, ModelConfigError
+from pacsnode.core.settings import load_settings
+from pacsnode.models.manifest import SeriesInfo, read_manifest
+from pacsnode.models.registry import Registry, version_key
 from tests.support import Node, node_config
 
 EXAMPLE = Path(__file__).parents[1] / "models" / "example-manifest.yaml"

@@ -19,8 +19,9 @@ import h5py
 import numpy as np
 import pytest
 
-from models import architectures, evaluation, runtime, training
-from models.tf_env import tf
+from pacsnode.lab import evaluation, training
+from pacsnode.models import architectures, runtime
+from pacsnode.models.tf_env import tf
 
 SIZE = 32
 
@@ -302,8 +303,8 @@ def test_wrong_input_shape_is_a_clear_error() -> None:
 
 def test_node_processes_do_not_import_tensorflow() -> None:
     code = (
-        "import sys, pacsnode.cli, pacsnode.serve, scp.server, db.session, workers.tasks, "
-        "models.evaluation; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+        "import sys, pacsnode.cli, pacsnode.serve, pacsnode.scp.server, pacsnode.db.session, "
+        "pacsnode.workers.tasks, pacsnode.lab.evaluation; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -436,7 +437,7 @@ def test_manifest_knows_every_architecture() -> None:
     TensorFlow; the two lists must stay equal."""
     from typing import get_args
 
-    from models.architectures import ARCHITECTURES
-    from models.manifest import ArchitectureName
+    from pacsnode.models.architectures import ARCHITECTURES
+    from pacsnode.models.manifest import ArchitectureName
 
     assert set(get_args(ArchitectureName)) == set(ARCHITECTURES)

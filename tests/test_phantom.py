@@ -26,7 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PositronEmissionTomographyImageStorage,
 )
 
-from models.phantom import (
+from pacsnode.lab.phantom import (
     MASKS_FILE,
     TRUTH_FILE,
     SeriesSpec,
@@ -38,10 +38,10 @@ from models.phantom import (
     study_datasets,
     write_study,
 )
-from models.phantom.anatomy import PROPERTIES
-from models.phantom.geometry import AXIAL, CORONAL, Grid
+from pacsnode.lab.phantom.anatomy import PROPERTIES
+from pacsnode.lab.phantom.geometry import AXIAL, CORONAL, Grid
+from pacsnode.workers.volume import Volume, load_series
 from tests.support import Node, node_config, require_binary
-from workers.volume import Volume, load_series
 
 SPEC = StudySpec(seed=7, size=128, slices=64, lesions=4)
 PHI = ("Phantom^Synthetic", "PHANTOM-")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from models.phantom import SeriesSpec, ct_series_datasets, write_ct_series
+from pacsnode.lab.phantom import SeriesSpec, ct_series_datasets, write_ct_series
 from tests.faultreport import ledger, lost_and_duplicated, sop_uids
 from tests.support import (
     IN_CI,

@@ -16,9 +16,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from db.models import Instance
-from db.session import create_db_engine
-from models.phantom import SeriesSpec, ct_series_datasets
+from pacsnode.db.models import Instance
+from pacsnode.db.session import create_db_engine
+from pacsnode.lab.phantom import SeriesSpec, ct_series_datasets
 from tests.faultreport import ledger, lost_and_duplicated
 from tests.support import Node, free_port, node_config, require_binary, wait_for
 

@@ -28,9 +28,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from models.phantom import SeriesSpec, ct_phantom_volume, ct_series_datasets
-from workers.errors import GeometryError, PixelDataError, PreprocessError
-from workers.preprocess import (
+from pacsnode.lab.phantom import SeriesSpec, ct_phantom_volume, ct_series_datasets
+from pacsnode.workers.errors import GeometryError, PixelDataError, PreprocessError
+from pacsnode.workers.preprocess import (
     PreprocessCache,
     PreprocessSpec,
     _write_atomically,
@@ -38,7 +38,7 @@ from workers.preprocess import (
     preprocess,
     restore,
 )
-from workers.volume import Volume, load_series
+from pacsnode.workers.volume import Volume, load_series
 
 SPEC = SeriesSpec(slices=24, rows=64, columns=64)
 SMALL = SeriesSpec(slices=12, rows=16, columns=16)

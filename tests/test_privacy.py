@@ -16,13 +16,13 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import Export, Instance
-from db.session import create_db_engine
-from models.phantom import StudySpec, write_study
+from pacsnode.db.models import Export, Instance
+from pacsnode.db.session import create_db_engine
+from pacsnode.lab.phantom import StudySpec, write_study
+from pacsnode.workers.volume import load_series
 from tests.support import Node, free_port, node_config, storescu, wait_for
 from tests.test_assembly import FAST
 from tests.test_exports import StoreSCP
-from workers.volume import load_series
 
 # Values no code path invents: any occurrence in a log came from a data set.
 PATIENTS = [

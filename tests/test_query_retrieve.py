@@ -34,10 +34,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from db.qr import InformationModel, InvalidQuery, find_query, retrieve_query
-from db.session import create_db_engine
-from models.phantom import StudySpec, WrittenStudy, write_study
-from scp.query import handle_find
+from pacsnode.db.qr import InformationModel, InvalidQuery, find_query, retrieve_query
+from pacsnode.db.session import create_db_engine
+from pacsnode.lab.phantom import StudySpec, WrittenStudy, write_study
+from pacsnode.scp.query import handle_find
 from tests.conftest import _postgres_database
 from tests.support import Node, free_port, node_config, require_binary, storescu, wait_for
 

@@ -20,8 +20,8 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-import scp  # noqa: F401  (installs the checkpoint)
-from scp.reactor import Checkpoint
+import pacsnode.scp  # noqa: F401  (installs the checkpoint)
+from pacsnode.scp.reactor import Checkpoint
 from tests.support import free_port, require_binary, wait_for
 
 

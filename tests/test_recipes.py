@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from models.fusion_recipe import NAME as FUSION
-from models.manifest import read_manifest
-from models.recipe_data import HELD_OUT_SEED, VALIDATION_SEED, fit_size, min_voxels
-from models.recipes import GATE, RECIPES, fit_positive_threshold
-from models.registry import Registry, sha256_of
 from pacsnode.cli import app
+from pacsnode.lab.fusion_recipe import NAME as FUSION
+from pacsnode.lab.recipe_data import HELD_OUT_SEED, VALIDATION_SEED, fit_size, min_voxels
+from pacsnode.lab.recipes import GATE, RECIPES, fit_positive_threshold
+from pacsnode.models.manifest import read_manifest
+from pacsnode.models.registry import Registry, sha256_of
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
 
-from models.phantom import StudySpec, write_study
+from pacsnode.lab.phantom import StudySpec, write_study
 from tests.faultreport import ledger
 from tests.orthanc import Orthanc, orthanc_binary
 from tests.support import IN_CI, Node, node_config, require_binary, wait_for

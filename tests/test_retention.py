@@ -18,15 +18,25 @@ import pytest
 from sqlalchemy import Engine, func, insert, select
 from typer.testing import CliRunner
 
-from db.index import upsert_instances
-from db.migrate import upgrade
-from db.models import Assembly, Export, Finding, Instance, Job, Patient, Segment, Series, Study
-from db.retention import apply_retention
-from db.session import create_db_engine
 from pacsnode.cli import app
+from pacsnode.db.index import upsert_instances
+from pacsnode.db.migrate import upgrade
+from pacsnode.db.models import (
+    Assembly,
+    Export,
+    Finding,
+    Instance,
+    Job,
+    Patient,
+    Segment,
+    Series,
+    Study,
+)
+from pacsnode.db.retention import apply_retention
+from pacsnode.db.session import create_db_engine
+from pacsnode.workers import jobstate
 from tests.support import Node, node_config, wait_for
 from tests.test_index import _record
-from workers import jobstate
 
 NOW = datetime.now(UTC)
 OLD = NOW - timedelta(days=40)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pacsnode.errors import ConfigError
-from pacsnode.settings import load_settings
+from pacsnode.core.errors import ConfigError
+from pacsnode.core.settings import load_settings
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import select
 
-from db.models import Instance
-from db.session import create_db_engine
-from models.phantom import SeriesSpec, write_ct_series
+from pacsnode.db.models import Instance
+from pacsnode.db.session import create_db_engine
+from pacsnode.lab.phantom import SeriesSpec, write_ct_series
 from tests.support import Node, free_port, require_binary, wait_for
 
 pytestmark = pytest.mark.dcmtk

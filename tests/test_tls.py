@@ -13,10 +13,10 @@ from typing import Any
 import pydicom
 import pytest
 
-from models.phantom import SeriesSpec, write_ct_series
-from pacsnode.errors import ConfigError
-from pacsnode.settings import Destination, load_settings
-from scp.export import send_batch
+from pacsnode.core.errors import ConfigError
+from pacsnode.core.settings import Destination, load_settings
+from pacsnode.lab.phantom import SeriesSpec, write_ct_series
+from pacsnode.scp.export import send_batch
 from tests.support import Node, free_port, node_config, require_binary, wait_for
 from tests.test_policy_and_faults import indexed_uids
 from tests.tlscerts import Certificates, make_certificates

@@ -16,7 +16,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from pacsnode.settings import Settings
+from pacsnode.core.settings import Settings
 
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
@@ -47,7 +47,7 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, object]]:
 
 def make_app(settings: Settings) -> Celery:
     broker, options = broker_options(settings)
-    app = Celery("pacsnode", broker=broker, include=["workers.tasks"])
+    app = Celery("pacsnode", broker=broker, include=["pacsnode.workers.tasks"])
     app.conf.update(
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage  # type: ignore[import-untyped]  # no scipy-stubs in dev deps
 
-from workers.errors import CoregistrationError
-from workers.volume import Volume
+from pacsnode.workers.errors import CoregistrationError
+from pacsnode.workers.volume import Volume
 
 
 @dataclass(frozen=True, eq=False)

@@ -51,15 +51,15 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 import pacsnode
-from db.results import Code, FindingRecord
-from models.manifest import Code as ManifestCode
-from models.manifest import ModelManifest
-from pacsnode.errors import PacsnodeError
-from pacsnode.settings import SegOptions
-from workers import outputs
-from workers.infer import ModelResult
-from workers.outputs import DISCLAIMER, MANUFACTURER, EncodedObject, derived_uid, equipment
-from workers.volume import Volume
+from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.settings import SegOptions
+from pacsnode.db.results import Code, FindingRecord
+from pacsnode.models.manifest import Code as ManifestCode
+from pacsnode.models.manifest import ModelManifest
+from pacsnode.workers import outputs
+from pacsnode.workers.infer import ModelResult
+from pacsnode.workers.outputs import DISCLAIMER, MANUFACTURER, EncodedObject, derived_uid, equipment
+from pacsnode.workers.volume import Volume
 
 log = logging.getLogger(__name__)
 

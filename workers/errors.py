@@ -13,7 +13,7 @@ logged and stored in job rows as they are.
 
 from __future__ import annotations
 
-from pacsnode.errors import PacsnodeError
+from pacsnode.core.errors import PacsnodeError
 
 
 class PreprocessError(PacsnodeError):

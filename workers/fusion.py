@@ -30,15 +30,15 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from db.fusion import Outcome
-from db.results import Code, FindingRecord
-from models.manifest import ModelManifest, SeriesInfo
-from models.registry import RegisteredModel
-from pacsnode.errors import PacsnodeError
-from workers.coregister import TargetGrid, check_same_frame, resample_onto
-from workers.infer import ModelResult, identity
-from workers.preprocess import OutputGeometry, PreprocessSpec, output_geometry, preprocess
-from workers.volume import Volume
+from pacsnode.core.errors import PacsnodeError
+from pacsnode.db.fusion import Outcome
+from pacsnode.db.results import Code, FindingRecord
+from pacsnode.models.manifest import ModelManifest, SeriesInfo
+from pacsnode.models.registry import RegisteredModel
+from pacsnode.workers.coregister import TargetGrid, check_same_frame, resample_onto
+from pacsnode.workers.infer import ModelResult, identity
+from pacsnode.workers.preprocess import OutputGeometry, PreprocessSpec, output_geometry, preprocess
+from pacsnode.workers.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def predict_slices(model: object, stack: np.ndarray, multiple: int, batch_size: 
     """The model's ``(n, 3)`` outputs for the slices of a ``(z, y, x, c)``
     stack, padded to ``multiple`` in-plane with 0 (background after
     normalisation)."""
-    from models.runtime import LoadedModel
+    from pacsnode.models.runtime import LoadedModel
 
     assert isinstance(model, LoadedModel)
     _, y, x, _ = stack.shape
@@ -172,7 +172,7 @@ def run_fusion(
 ) -> tuple[ModelResult, StudyScores]:
     """Run one fusion model on its chosen series; raises CoregistrationError
     (a PacsnodeError) when the series cannot share a grid."""
-    from models.architectures import spatial_multiple
+    from pacsnode.models.architectures import spatial_multiple
 
     m = model.manifest
     assert m.fusion is not None and m.architecture is not None

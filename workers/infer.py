@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from db.results import Code, FindingRecord, ModelIdentity, SegmentRecord
-from models.manifest import ModelManifest, Output
-from models.registry import RegisteredModel, Registry
-from workers.preprocess import PreprocessSpec, restore
-from workers.volume import Volume
+from pacsnode.db.results import Code, FindingRecord, ModelIdentity, SegmentRecord
+from pacsnode.models.manifest import ModelManifest, Output
+from pacsnode.models.registry import RegisteredModel, Registry
+from pacsnode.workers.preprocess import PreprocessSpec, restore
+from pacsnode.workers.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _code(output: Output) -> Code:
 
 
 def load_for_inference(model: RegisteredModel) -> object:
-    from models.runtime import load_model
+    from pacsnode.models.runtime import load_model
 
     m = model.manifest
     architecture = m.architecture
@@ -78,7 +78,7 @@ def load_for_inference(model: RegisteredModel) -> object:
 
 def gate_score(gate: RegisteredModel, input_for: InputFor) -> tuple[bool, float]:
     """(out of distribution?, reconstruction error) of the gate on this series."""
-    from models.runtime import LoadedModel, reconstruction_error
+    from pacsnode.models.runtime import LoadedModel, reconstruction_error
 
     loaded = load_for_inference(gate)
     assert isinstance(loaded, LoadedModel)
@@ -98,7 +98,7 @@ def run_model(
     gate: tuple[bool, float] | None,
 ) -> ModelResult:
     """Run ``model`` on the series whose source volume is ``volume``."""
-    from models import runtime
+    from pacsnode.models import runtime
 
     m: ModelManifest = model.manifest
     loaded = load_for_inference(model)

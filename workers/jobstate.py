@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, func, select, update
 
-from db.models import Job
+from pacsnode.db.models import Job
 
 _ERROR_MAX = 1024
 

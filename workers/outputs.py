@@ -51,12 +51,12 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Connection, Engine, select
 
 import pacsnode
-from db.index import InstanceRecord, upsert_instances
-from db.models import Instance, Patient, Study
-from db.results import ModelIdentity
-from pacsnode.settings import SegOptions, Settings
-from scp.dataset import instance_record
-from scp.spool import Spool, spool_relpath
+from pacsnode.core.settings import SegOptions, Settings
+from pacsnode.db.index import InstanceRecord, upsert_instances
+from pacsnode.db.models import Instance, Patient, Study
+from pacsnode.db.results import ModelIdentity
+from pacsnode.scp.dataset import instance_record
+from pacsnode.scp.spool import Spool, spool_relpath
 
 log = logging.getLogger(__name__)
 

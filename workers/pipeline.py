@@ -22,22 +22,28 @@ import numpy as np
 import pydicom
 from sqlalchemy import Connection, Engine, select
 
-from db.exports import destinations_for, enqueue_exports
-from db.fusion import Outcome, record, study_first_received
-from db.models import Instance, Job, Series, Study
-from db.modelswitch import effective_disabled, switches
-from db.results import replace_results
-from db.stats import record_timings
-from models.manifest import SeriesInfo
-from models.registry import RegisteredModel, Registry
-from pacsnode.errors import PacsnodeError
-from pacsnode.settings import Destination, Settings
-from workers.encode import encode_job, read_source
-from workers.fusion import Candidate, FusionError, choose_series, missing_outcome, run_fusion
-from workers.infer import ModelResult, infer_series, load_for_inference
-from workers.outputs import OutputObject, store_outputs
-from workers.preprocess import PreprocessCache, PreprocessSpec, write_atomically
-from workers.volume import Volume, load_series
+from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.settings import Destination, Settings
+from pacsnode.db.exports import destinations_for, enqueue_exports
+from pacsnode.db.fusion import Outcome, record, study_first_received
+from pacsnode.db.models import Instance, Job, Series, Study
+from pacsnode.db.modelswitch import effective_disabled, switches
+from pacsnode.db.results import replace_results
+from pacsnode.db.stats import record_timings
+from pacsnode.models.manifest import SeriesInfo
+from pacsnode.models.registry import RegisteredModel, Registry
+from pacsnode.workers.encode import encode_job, read_source
+from pacsnode.workers.fusion import (
+    Candidate,
+    FusionError,
+    choose_series,
+    missing_outcome,
+    run_fusion,
+)
+from pacsnode.workers.infer import ModelResult, infer_series, load_for_inference
+from pacsnode.workers.outputs import OutputObject, store_outputs
+from pacsnode.workers.preprocess import PreprocessCache, PreprocessSpec, write_atomically
+from pacsnode.workers.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +397,7 @@ def export(ctx: JobContext, engine: Engine) -> None:
                 )
             )
     if queued:
-        from workers.tasks import publish_export_due  # the task module imports this one
+        from pacsnode.workers.tasks import publish_export_due  # the task module imports this one
 
         publish_export_due()
 

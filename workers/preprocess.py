@@ -34,8 +34,8 @@ import numpy as np
 import scipy.ndimage as ndi  # type: ignore[import-untyped]  # no scipy-stubs in dev deps yet
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from workers.errors import PreprocessError
-from workers.volume import Volume
+from pacsnode.workers.errors import PreprocessError
+from pacsnode.workers.volume import Volume
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from db.session import create_db_engine
-from pacsnode.errors import PacsnodeError
-from pacsnode.settings import Settings, load_settings
-from scp.export import run_due
-from workers import jobstate, pipeline
-from workers.celery_app import CPU_QUEUE, GPU_QUEUE, make_app
+from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.settings import Settings, load_settings
+from pacsnode.db.session import create_db_engine
+from pacsnode.scp.export import run_due
+from pacsnode.workers import jobstate, pipeline
+from pacsnode.workers.celery_app import CPU_QUEUE, GPU_QUEUE, make_app
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from db.models import Base
-from db.session import create_db_engine
+from pacsnode.db.models import Base
+from pacsnode.db.session import create_db_engine
 
 config = context.config
 

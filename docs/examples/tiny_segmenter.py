@@ -25,9 +25,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import yaml
 
-from models.phantom import StudySpec, generate_study
-from models.recipe_data import mask_on, volume_of
-from workers.preprocess import PreprocessSpec, preprocess
+from pacsnode.lab.phantom import StudySpec, generate_study
+from pacsnode.lab.recipe_data import mask_on, volume_of
+from pacsnode.workers.preprocess import PreprocessSpec, preprocess
 
 NAME = "tiny-lesion-segmenter"
 VERSION = "0.1.0"

@@ -10,11 +10,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Engine
 
-from db.session import create_db_engine
 from pacsnode.api import dashboard, metrics
 from pacsnode.api.deps import require_read
 from pacsnode.api.routes import exports, health, jobs, models, results, stats, studies
-from pacsnode.settings import Settings
+from pacsnode.core.settings import Settings
+from pacsnode.db.session import create_db_engine
 
 API_PREFIX = "/api/v1"
 

@@ -17,11 +17,6 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from db.admin import list_jobs, retry_jobs
-from db.exports import known_destinations, retry_exports
-from db.modelswitch import list_models
-from db.queries import StudyFilter, get_study, list_series, list_studies
-from db.stats import stats as node_stats
 from pacsnode.api.deps import (
     COOKIE,
     EngineDep,
@@ -33,6 +28,11 @@ from pacsnode.api.deps import (
 )
 from pacsnode.api.overlay import key_image
 from pacsnode.api.routes.common import audited
+from pacsnode.db.admin import list_jobs, retry_jobs
+from pacsnode.db.exports import known_destinations, retry_exports
+from pacsnode.db.modelswitch import list_models
+from pacsnode.db.queries import StudyFilter, get_study, list_series, list_studies
+from pacsnode.db.stats import stats as node_stats
 
 RowId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -130,7 +130,7 @@ def studies(
 
 @router.get("/studies/{uid}", response_class=HTMLResponse)
 def study(request: Request, settings: SettingsDep, engine: EngineDep, uid: str) -> HTMLResponse:
-    from db.admin import ResultFilter, list_findings, list_segments
+    from pacsnode.db.admin import ResultFilter, list_findings, list_segments
 
     principal = _principal(request, settings, engine)
     with audited(engine, principal, "ui.study", target=uid[:64]) as conn:
@@ -189,7 +189,7 @@ def job_retry(
 def exports(
     request: Request, settings: SettingsDep, engine: EngineDep, state: str = "", offset: int = 0
 ) -> HTMLResponse:
-    from db.admin import page_exports
+    from pacsnode.db.admin import page_exports
 
     principal = _principal(request, settings, engine)
     with audited(engine, principal, "ui.exports", detail={"state": state}) as conn:

@@ -17,9 +17,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy import Engine
 
-from db import audit
-from db.tokens import lookup
-from pacsnode.settings import Settings
+from pacsnode.core.settings import Settings
+from pacsnode.db import audit
+from pacsnode.db.tokens import lookup
 
 COOKIE = "pacsnode_token"
 

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import Engine, select
 
-from db.models import Instance, Segment, Series, Study
-from pacsnode.settings import Settings
+from pacsnode.core.settings import Settings
+from pacsnode.db.models import Instance, Segment, Series, Study
 
 VOLUME_MODALITIES = ("CT", "MR", "PT")
 
@@ -33,7 +33,7 @@ def _series_paths(engine: Engine, settings: Settings, series_pk: int) -> list[Pa
 
 def key_image(engine: Engine, settings: Settings, study_instance_uid: str) -> bytes | None:
     """PNG bytes, or None when the study has no volume series."""
-    from workers.volume import load_series  # numpy/pydicom decoding: only when asked
+    from pacsnode.workers.volume import load_series  # numpy/pydicom decoding: only when asked
 
     with engine.connect() as conn:
         segment = conn.execute(

@@ -10,10 +10,10 @@ from typing import Annotated, Any, TypeVar
 from fastapi import HTTPException, Query
 from sqlalchemy import Connection, Engine
 
-from db import audit
-from db.queries import Page
 from pacsnode.api.deps import Principal
 from pacsnode.api.schemas import MAX_LIMIT
+from pacsnode.db import audit
+from pacsnode.db.queries import Page
 
 T = TypeVar("T")
 

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from db.admin import page_exports
-from db.exports import STATES, ExportRow, known_destinations, retry_exports
 from pacsnode.api.deps import AdminDep, EngineDep, ReadDep, SettingsDep
 from pacsnode.api.routes.common import Limit, Offset, audited, page_out
 from pacsnode.api.schemas import ActionPublic, ExportRetryCreate, PagePublic
+from pacsnode.db.admin import page_exports
+from pacsnode.db.exports import STATES, ExportRow, known_destinations, retry_exports
 
 router = APIRouter(tags=["exports"])
 

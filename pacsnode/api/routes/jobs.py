@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query
 
-from db.admin import JOB_STATES, JobRow, list_jobs, retry_jobs
 from pacsnode.api.deps import AdminDep, EngineDep, ReadDep
 from pacsnode.api.routes.common import Limit, Offset, audited, page_out
 from pacsnode.api.schemas import ActionPublic, JobRetryCreate, PagePublic
+from pacsnode.db.admin import JOB_STATES, JobRow, list_jobs, retry_jobs
 
 router = APIRouter(tags=["jobs"])
 

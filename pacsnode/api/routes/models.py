@@ -9,11 +9,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 
-from db.modelswitch import list_models, switch_model
 from pacsnode.api.deps import AdminDep, EngineDep, ReadDep, SettingsDep
 from pacsnode.api.routes.common import Limit, Offset, audited
 from pacsnode.api.schemas import ActionPublic, PagePublic
-from pacsnode.errors import ModelConfigError
+from pacsnode.core.errors import ModelConfigError
+from pacsnode.db.modelswitch import list_models, switch_model
 
 router = APIRouter(tags=["models"])
 

@@ -10,10 +10,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 
-from db.admin import FindingRow, ResultFilter, SegmentRow, list_findings, list_segments
 from pacsnode.api.deps import EngineDep, ReadDep
 from pacsnode.api.routes.common import Limit, Offset, Text, audited, page_out
 from pacsnode.api.schemas import PagePublic
+from pacsnode.db.admin import FindingRow, ResultFilter, SegmentRow, list_findings, list_segments
 
 router = APIRouter(tags=["results"])
 

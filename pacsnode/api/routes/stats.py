@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from db.audit import CHANNELS, AuditRow, list_events
-from db.stats import stats as node_stats
 from pacsnode.api.deps import AdminDep, EngineDep, ReadDep
 from pacsnode.api.routes.common import Limit, Offset, audited, page_out
 from pacsnode.api.schemas import PagePublic, StatsPublic
+from pacsnode.db.audit import CHANNELS, AuditRow, list_events
+from pacsnode.db.stats import stats as node_stats
 
 router = APIRouter(tags=["stats"])
 
@@ -53,6 +53,6 @@ def audit_trail(
             limit=limit,
             offset=offset,
         )
-    from db.queries import Page
+    from pacsnode.db.queries import Page
 
     return page_out(Page(rows, total, limit, offset))

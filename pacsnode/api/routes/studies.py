@@ -6,8 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 
-from db.admin import NotFound, reprocess_study
-from db.queries import (
+from pacsnode.api.deps import AdminDep, EngineDep, ReadDep
+from pacsnode.api.routes.common import DicomDate, Limit, Offset, Text, audited, not_found, page_out
+from pacsnode.api.schemas import ActionPublic, PagePublic
+from pacsnode.db.admin import NotFound, reprocess_study
+from pacsnode.db.queries import (
     STUDY_STATUSES,
     SeriesSummary,
     StudyFilter,
@@ -16,9 +19,6 @@ from db.queries import (
     list_series,
     list_studies,
 )
-from pacsnode.api.deps import AdminDep, EngineDep, ReadDep
-from pacsnode.api.routes.common import DicomDate, Limit, Offset, Text, audited, not_found, page_out
-from pacsnode.api.schemas import ActionPublic, PagePublic
 
 router = APIRouter(tags=["studies"])
 

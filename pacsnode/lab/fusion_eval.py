@@ -23,12 +23,12 @@ import numpy as np
 from rich.progress import Progress
 from rich.table import Table
 
-from models import fusion_recipe as recipe
-from models import recipe_data as data
-from models.evaluation import Evaluation, binary_metrics
-from models.phantom import generate_study
-from models.registry import RegisteredModel
-from workers.fusion import predict_slices, role_specs, stack_roles, weights_of
+from pacsnode.lab import fusion_recipe as recipe
+from pacsnode.lab import recipe_data as data
+from pacsnode.lab.evaluation import Evaluation, binary_metrics
+from pacsnode.lab.phantom import generate_study
+from pacsnode.models.registry import RegisteredModel
+from pacsnode.workers.fusion import predict_slices, role_specs, stack_roles, weights_of
 
 FUSION_MARGIN = 0.05
 VARIANTS = {
@@ -54,8 +54,8 @@ def held_out_scale(model: RegisteredModel) -> recipe.FusionScale:
 
 def evaluate_fusion(model: RegisteredModel, studies: int, *, progress: bool = True) -> Evaluation:
     """The four variants' metrics on ``studies`` held-out CT+PT phantoms."""
-    from models.architectures import spatial_multiple
-    from workers.infer import load_for_inference
+    from pacsnode.models.architectures import spatial_multiple
+    from pacsnode.workers.infer import load_for_inference
 
     m = model.manifest
     assert m.fusion is not None and m.architecture is not None

@@ -15,17 +15,17 @@ the same seed gives the same pixel data and the same UIDs. Modules:
 - :mod:`~models.phantom.send`: sending a study with C-STORE.
 """
 
-from models.phantom.anatomy import Tissue
-from models.phantom.dicom import SeriesImage, StudyHeader, series_datasets
-from models.phantom.geometry import Grid
-from models.phantom.lesions import Focus, Lesion
-from models.phantom.series import (
+from pacsnode.lab.phantom.anatomy import Tissue
+from pacsnode.lab.phantom.dicom import SeriesImage, StudyHeader, series_datasets
+from pacsnode.lab.phantom.geometry import Grid
+from pacsnode.lab.phantom.lesions import Focus, Lesion
+from pacsnode.lab.phantom.series import (
     SeriesSpec,
     ct_phantom_volume,
     ct_series_datasets,
     write_ct_series,
 )
-from models.phantom.study import (
+from pacsnode.lab.phantom.study import (
     MASKS_FILE,
     TRUTH_FILE,
     Study,

@@ -36,7 +36,7 @@ from sklearn.metrics import (
 )
 
 if TYPE_CHECKING:
-    from models.runtime import LoadedModel
+    from pacsnode.models.runtime import LoadedModel
 
 Spacing = tuple[float, ...]
 
@@ -218,7 +218,7 @@ def _binary_evaluation(
 def evaluate_slice_classifier(
     model: LoadedModel, slices: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5
 ) -> Evaluation:
-    from models import runtime
+    from pacsnode.models import runtime
 
     scores = runtime.classify_slices(model, slices)
     return _binary_evaluation(model, "classification", labels, scores, threshold)
@@ -231,7 +231,7 @@ def evaluate_sequence_classifier(
     *,
     threshold: float = 0.5,
 ) -> Evaluation:
-    from models import runtime
+    from pacsnode.models import runtime
 
     scores = runtime.classify_sequences(model, volumes)
     return _binary_evaluation(model, "sequence", labels, scores, threshold)
@@ -245,7 +245,7 @@ def evaluate_segmenter(
     *,
     threshold: float = 0.5,
 ) -> Evaluation:
-    from models import runtime
+    from pacsnode.models import runtime
 
     cases = [
         segmentation_case(runtime.segment_volume(model, v), m.astype(bool), s, threshold=threshold)
@@ -261,7 +261,7 @@ def evaluate_gate(
     *,
     threshold: float,
 ) -> Evaluation:
-    from models import runtime
+    from pacsnode.models import runtime
 
     normal = np.array([runtime.reconstruction_error(model, v) for v in normal_volumes])
     abnormal = np.array([runtime.reconstruction_error(model, v) for v in abnormal_volumes])

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.phantom import SeriesImage, Study, StudySpec, generate_study
-from workers.preprocess import PreprocessSpec, preprocess
-from workers.volume import Volume
+from pacsnode.lab.phantom import SeriesImage, Study, StudySpec, generate_study
+from pacsnode.workers.preprocess import PreprocessSpec, preprocess
+from pacsnode.workers.volume import Volume
 
 TRAIN_SEED = 0
 GATE_TRAIN_SEED = 20_000  # normal studies for the gate, apart from the lesion models' seeds

@@ -26,14 +26,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pacsnode.errors import ConfigError
-from pacsnode.tls import ClientTLS, ServerTLS
+from pacsnode.core.errors import ConfigError
+from pacsnode.core.tls import ClientTLS, ServerTLS
 
 CONFIG_ENV = "PACSNODE_CONFIG"
 # The demonstration models shipped with pacsnode (DESIGN §4), in the ``models``
 # package beside this one. Found by location, not by ``import models``: a
 # ``models/`` folder in the working directory could shadow that name.
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models" / "bundled"
+BUNDLED_MODELS_DIR = (Path(__file__).parent.parent / "models" / "bundled").resolve()
 
 
 def _check_ae_title(value: str) -> str:

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from models import fusion_recipe as recipe
-from models.manifest import ModelManifest, read_manifest
-from models.recipes import DESCRIPTION, Written, _Dumper, _write_text, fit_positive_threshold
-from models.tf_env import keras, tf
+from pacsnode.lab import fusion_recipe as recipe
+from pacsnode.lab.recipes import DESCRIPTION, Written, _Dumper, _write_text, fit_positive_threshold
+from pacsnode.models.manifest import ModelManifest, read_manifest
+from pacsnode.models.tf_env import keras, tf
 
 
 def _batch(
@@ -62,7 +62,11 @@ def train(
     scale: recipe.FusionScale, seed: int, steps: int, progress: bool
 ) -> tuple[Any, dict[str, Any]]:
     """The trained model and what training.json records."""
-    from models.architectures import FUSION_HEADS, build_fusion_classifier, spatial_multiple
+    from pacsnode.models.architectures import (
+        FUSION_HEADS,
+        build_fusion_classifier,
+        spatial_multiple,
+    )
 
     started = time.monotonic()
     train_cases = recipe.cases(scale, recipe.FUSION_TRAIN_SEED, scale.train_studies)
@@ -160,8 +164,8 @@ def train_fusion_model(
 ) -> Written:
     """Train and install ``out_dir/ct-pt-avid-fusion``: weights (from a fresh
     uncompiled model), manifest.yaml with their SHA-256, training.json."""
-    from models.evaluation import _jsonable
-    from models.training import save_weights
+    from pacsnode.lab.evaluation import _jsonable
+    from pacsnode.lab.training import save_weights
 
     started = time.monotonic()
     n_steps = steps or scale.steps

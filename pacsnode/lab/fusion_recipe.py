@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from models import recipe_data as data
-from models.evaluation import roc_auc
-from models.phantom import Study, StudySpec, generate_study
-from workers.fusion import decision_scores, stack_roles
-from workers.preprocess import PreprocessSpec
+from pacsnode.lab import recipe_data as data
+from pacsnode.lab.evaluation import roc_auc
+from pacsnode.lab.phantom import Study, StudySpec, generate_study
+from pacsnode.workers.fusion import decision_scores, stack_roles
+from pacsnode.workers.preprocess import PreprocessSpec
 
 NAME = "ct-pt-avid-fusion"
 VERSION = "1.0.0"

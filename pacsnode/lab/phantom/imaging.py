@@ -16,10 +16,10 @@ import numpy as np
 import scipy.ndimage as ndi  # type: ignore[import-untyped]  # no scipy-stubs in dev deps yet
 from scipy.special import erf  # type: ignore[import-untyped]
 
-from models.phantom.anatomy import PROPERTIES, Anatomy, Tissue
-from models.phantom.geometry import Grid
-from models.phantom.lesions import Focus, Lesion
-from models.phantom.shapes import paint
+from pacsnode.lab.phantom.anatomy import PROPERTIES, Anatomy, Tissue
+from pacsnode.lab.phantom.geometry import Grid
+from pacsnode.lab.phantom.lesions import Focus, Lesion
+from pacsnode.lab.phantom.shapes import paint
 
 CT_NOISE_HU = 10.0
 PT_NOISE = 0.15  # SD = PT_NOISE · sqrt(SUV): about 10 % in the liver

@@ -52,10 +52,10 @@ import numpy as np
 import yaml
 from rich.progress import Progress
 
-from models import recipe_data as data
-from models.manifest import ModelManifest, read_manifest
-from models.registry import sha256_of
-from workers.preprocess import PreprocessSpec, preprocess
+from pacsnode.lab import recipe_data as data
+from pacsnode.models.manifest import ModelManifest, read_manifest
+from pacsnode.models.registry import sha256_of
+from pacsnode.workers.preprocess import PreprocessSpec, preprocess
 
 VERSION = "1.0.0"
 GATE = "ct-ood-gate"
@@ -180,7 +180,7 @@ def _data_progress(label: str, total: int, enabled: bool) -> Iterator[Callable[[
 def _config(
     steps: int, epochs: int, batch_size: int, seed: int, progress: bool, label: str, **kw: Any
 ) -> Any:
-    from models.training import TrainConfig
+    from pacsnode.lab.training import TrainConfig
 
     epochs = max(1, min(epochs, steps))
     return TrainConfig(
@@ -275,7 +275,8 @@ def _gate_params(scale: Scale) -> dict[str, Any]:
 
 
 def _train_gate(scale: Scale, seed: int, steps: int, progress: bool) -> Trained:
-    from models import architectures, runtime, training
+    from pacsnode.lab import training
+    from pacsnode.models import architectures, runtime
 
     normal = _studies(
         scale, data.GATE_TRAIN_SEED, scale.gate_train_studies, lambda s: 0, data.noise_for,
@@ -329,7 +330,8 @@ def _classifier_params(scale: Scale) -> dict[str, Any]:
 
 
 def _study_threshold(loaded: Any, val_set: data.SliceSet) -> tuple[float, dict[str, Any]]:
-    from models import evaluation, runtime
+    from pacsnode.lab import evaluation
+    from pacsnode.models import runtime
 
     scores = np.array(
         [
@@ -350,7 +352,7 @@ def _slice_classifier(
     lesion: one label per whole slice taught it too slowly (a small lesion
     barely moves a global average over a slice). Its max-pooled logit map
     makes it run on whole slices; the study threshold is fitted there."""
-    from models import training
+    from pacsnode.lab import training
 
     k = data.min_voxels(pixel_mm)
     return training.train_slice_classifier(
@@ -362,7 +364,7 @@ def _slice_classifier(
 
 
 def _train_classifier(scale: Scale, seed: int, steps: int, progress: bool) -> Trained:
-    from models import runtime
+    from pacsnode.models import runtime
 
     spec = ct_spec(scale)
     train_set, val_set = _lesion_slice_sets(scale, spec, scale.train_studies, scale.size, progress)
@@ -384,7 +386,7 @@ def _unet_params(scale: Scale) -> dict[str, Any]:
 def _false_positives(model: Any, data_set: data.SliceSet, multiple: int) -> np.ndarray:
     """Voxels (slice index, y, x) where ``model`` marks lesion and none is:
     at most 500 per study, so every study's look-alikes are represented."""
-    from models import runtime
+    from pacsnode.models import runtime
 
     assert data_set.masks is not None
     loaded = runtime.LoadedModel(model, spatial_multiple=multiple)
@@ -407,7 +409,8 @@ def _train_segmenter(scale: Scale, seed: int, steps: int, progress: bool) -> Tra
     0.97 after one round while whole volumes still had confident false
     positives in every normal study: a volume has thousands of patch positions
     and random patches meet its rare look-alikes too seldom."""
-    from models import architectures, training
+    from pacsnode.lab import training
+    from pacsnode.models import architectures
 
     spec = ct_spec(scale)
     train_set, val_set = _lesion_slice_sets(scale, spec, scale.train_studies, scale.size, progress)
@@ -456,7 +459,7 @@ def _frozen_features(classifier: Any, depth: int) -> Callable[[np.ndarray], np.n
     a max-pooling slice classifier's last feature maps and its slice logit, as
     the sequence model's frozen part computes them; all-zero (padding) slices
     give all-zero rows, as the sequence model masks them."""
-    from models.tf_env import keras
+    from pacsnode.models.tf_env import keras
 
     maps = classifier.get_layer(f"features_pool{depth - 1}").output
     pooled = keras.layers.Concatenate()(
@@ -475,8 +478,9 @@ def _frozen_features(classifier: Any, depth: int) -> Callable[[np.ndarray], np.n
 
 
 def _train_sequence(scale: Scale, seed: int, steps: int, progress: bool) -> Trained:
-    from models import architectures, evaluation, runtime
-    from models.tf_env import keras
+    from pacsnode.lab import evaluation
+    from pacsnode.models import architectures, runtime
+    from pacsnode.models.tf_env import keras
 
     spec = sequence_spec(scale)
     slices, val_slices = _lesion_slice_sets(
@@ -625,7 +629,7 @@ def train_model(
 ) -> Written:
     """Train one bundled model by its recipe and install it in ``out_dir/name``:
     weights, manifest (with the weights' SHA-256) and ``training.json``."""
-    from models.training import save_weights
+    from pacsnode.lab.training import save_weights
 
     try:
         recipe = RECIPES[name]
@@ -669,7 +673,7 @@ def train_model(
         },
         **trained.info,
     }
-    from models.evaluation import _jsonable
+    from pacsnode.lab.evaluation import _jsonable
 
     _write_text(folder / "training.json", json.dumps(_jsonable(record), indent=2) + "\n")
     for path in (weights, manifest_path, folder / "training.json"):

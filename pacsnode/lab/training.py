@@ -50,9 +50,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from models import architectures, evaluation
-from models.runtime import dtype_policy, file_sha256
-from models.tf_env import keras, tf
+from pacsnode.lab import evaluation
+from pacsnode.models import architectures
+from pacsnode.models.runtime import dtype_policy, file_sha256
+from pacsnode.models.tf_env import keras, tf
 
 # Draws one batch (x, y) of the given size from the generator.
 BatchSampler = Callable[[np.random.Generator, int], tuple[Any, Any]]

@@ -29,8 +29,8 @@ import numpy as np
 import scipy.ndimage as ndi  # type: ignore[import-untyped]  # no scipy-stubs in dev deps yet
 from rich.progress import Progress
 
-from models import recipe_data as data
-from models.evaluation import (
+from pacsnode.lab import recipe_data as data
+from pacsnode.lab.evaluation import (
     Evaluation,
     binary_metrics,
     gate_rates,
@@ -39,10 +39,10 @@ from models.evaluation import (
     summarise_segmentation,
     write_report,
 )
-from models.fusion_eval import evaluate_fusion
-from models.registry import RegisteredModel, Registry
-from workers.preprocess import PreprocessSpec, preprocess
-from workers.volume import Volume
+from pacsnode.lab.fusion_eval import evaluate_fusion
+from pacsnode.models.registry import RegisteredModel, Registry
+from pacsnode.workers.preprocess import PreprocessSpec, preprocess
+from pacsnode.workers.volume import Volume
 
 FOV_MM = 400.0
 Z_EXTENT_MM = 400.0
@@ -98,7 +98,7 @@ def _inputs(volume: Volume) -> Callable[[PreprocessSpec], np.ndarray]:
 
 
 def _loaded(model: RegisteredModel) -> Any:
-    from workers.infer import load_for_inference
+    from pacsnode.workers.infer import load_for_inference
 
     return load_for_inference(model)
 
@@ -138,8 +138,8 @@ def _run_ct(
     input_for: Callable[[PreprocessSpec], np.ndarray],
     scores: _Scores,
 ) -> None:
-    from models import runtime
-    from workers.infer import gate_score, run_model
+    from pacsnode.models import runtime
+    from pacsnode.workers.infer import gate_score, run_model
 
     m = model.manifest
     has_lesion = bool(study.lesions)
@@ -269,7 +269,7 @@ def evaluate(
                 _run_ct(model, study, volume, input_for, scores[model.key])
             bar.advance(task)
         if gates:
-            from workers.infer import gate_score
+            from pacsnode.workers.infer import gate_score
 
             task = bar.add_task("MR as CT, noise", total=mr_studies + noise_volumes)
             for i in range(mr_studies):

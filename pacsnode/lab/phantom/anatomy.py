@@ -19,8 +19,8 @@ from enum import IntEnum
 
 import numpy as np
 
-from models.phantom.geometry import Grid
-from models.phantom.shapes import (
+from pacsnode.lab.phantom.geometry import Grid
+from pacsnode.lab.phantom.shapes import (
     Bands,
     Cylinder,
     Ellipsoid,

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from models.phantom.anatomy import PROPERTIES, Anatomy, Tissue, build_anatomy
-from models.phantom.dicom import (
+from pacsnode.lab.phantom.anatomy import PROPERTIES, Anatomy, Tissue, build_anatomy
+from pacsnode.lab.phantom.dicom import (
     SOP_CLASSES,
     SYNTHETIC,
     MrSequence,
@@ -33,9 +33,9 @@ from models.phantom.dicom import (
     series_datasets,
     uid,
 )
-from models.phantom.geometry import Grid
-from models.phantom.imaging import ct_hu, lesion_mask, mr_signal, pt_suv
-from models.phantom.lesions import Focus, Lesion, place_foci, place_lesions
+from pacsnode.lab.phantom.geometry import Grid
+from pacsnode.lab.phantom.imaging import ct_hu, lesion_mask, mr_signal, pt_suv
+from pacsnode.lab.phantom.lesions import Focus, Lesion, place_foci, place_lesions
 
 MODALITIES = ("CT", "PT", "MR")
 TRUTH_FORMAT = "pacsnode-phantom-truth"

@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import code_to_category
 
-from pacsnode.errors import PacsnodeError
+from pacsnode.core.errors import PacsnodeError
 
 
 class SendError(PacsnodeError):
