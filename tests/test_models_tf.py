@@ -304,7 +304,8 @@ def test_wrong_input_shape_is_a_clear_error() -> None:
 def test_node_processes_do_not_import_tensorflow() -> None:
     code = (
         "import sys, pacsnode.cli, pacsnode.serve, pacsnode.scp.server, pacsnode.db.session, "
-        "pacsnode.workers.tasks, pacsnode.lab.evaluation; print('tensorflow' in sys.modules or 'keras' in sys.modules)"
+        "pacsnode.workers.tasks, pacsnode.lab.evaluation; "
+        "print('tensorflow' in sys.modules or 'keras' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
