@@ -1,5 +1,5 @@
 """``pacsnode export-training``: de-identified copies of stored studies for
-training data (PS3.15 Annex E Basic Profile, see :mod:`pacsnode.deidentify`)."""
+training data (PS3.15 Annex E Basic Profile, see :mod:`pacsnode.lab.deidentify`)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def export_training(
     """
     from pacsnode.cli import _settings
     from pacsnode.db.session import create_db_engine
-    from pacsnode.deidentify import Selection, export_deidentified
+    from pacsnode.lab.deidentify import Selection, export_deidentified
 
     if not deidentify:
         err.print("[red]pacsnode export-training: --deidentify is required[/red]")

@@ -20,13 +20,13 @@ import threading
 from typing import TYPE_CHECKING
 
 from pacsnode.apiserver import bind_api, run_api
-from pacsnode.assembler import run_assembler
 from pacsnode.core.errors import ConfigError
 from pacsnode.core.logs import configure_logging
 from pacsnode.core.settings import Settings
 from pacsnode.db.migrate import upgrade
 from pacsnode.db.session import create_db_engine
 from pacsnode.scp.server import SCPSupervisor, Service
+from pacsnode.workers.assembler import run_assembler
 
 if TYPE_CHECKING:
     from pacsnode.models.registry import Registry
@@ -41,8 +41,8 @@ def assembler_service(settings: Settings, stop: threading.Event) -> None:
 
 
 def dispatcher_service(settings: Settings, stop: threading.Event) -> None:
-    from pacsnode.dispatcher import run_dispatcher
     from pacsnode.workers.celery_app import make_app
+    from pacsnode.workers.dispatcher import run_dispatcher
 
     engine = create_db_engine(settings.effective_database_url)
     run_dispatcher(engine, make_app(settings), stop)

@@ -14,11 +14,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from pacsnode.assembler import due
 from pacsnode.core.settings import CompletionPolicy
 from pacsnode.db.models import Job
 from pacsnode.db.session import create_db_engine
 from pacsnode.lab.phantom import SeriesSpec, ct_series_datasets, write_ct_series
+from pacsnode.workers.assembler import due
 from tests.support import Node, node_config, storescu, wait_for
 
 FAST = {"debounce_s": 0.3, "quiet_period_s": 2.0, "max_wait_s": 4.0}

@@ -34,10 +34,10 @@ from pacsnode.db.index import upsert_instances
 from pacsnode.db.migrate import upgrade
 from pacsnode.db.models import Export, Instance
 from pacsnode.db.session import create_db_engine
-from pacsnode.dispatcher import ExportPublisher
 from pacsnode.lab.phantom import SeriesSpec, write_ct_series
 from pacsnode.scp.export import run_due, send_batch
 from pacsnode.workers.celery_app import make_app
+from pacsnode.workers.dispatcher import ExportPublisher
 from pacsnode.workers.tasks import EXPORT_TIME_LIMIT_S
 from tests.faultreport import ledger
 from tests.support import Node, free_port, node_config, require_binary, storescu, wait_for

@@ -14,9 +14,9 @@ from pacsnode.db.migrate import upgrade
 from pacsnode.db.models import Finding, Job, Segment, Series
 from pacsnode.db.results import Code, FindingRecord, ModelIdentity, SegmentRecord, replace_results
 from pacsnode.db.session import create_db_engine
-from pacsnode.dispatcher import MAX_ATTEMPTS, recover_lost_jobs
 from pacsnode.workers import jobstate
 from pacsnode.workers.celery_app import TASK_TIME_LIMIT_S
+from pacsnode.workers.dispatcher import MAX_ATTEMPTS, recover_lost_jobs
 from tests.test_index import _record
 
 

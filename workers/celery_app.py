@@ -4,7 +4,7 @@ Broker: ``PACSNODE_BROKER_URL`` (``redis://…`` for real deployments); empty
 means the embedded broker, kombu's filesystem transport under
 ``<data_dir>/broker``: no server to run, messages are files, so queued work
 survives a restart of the node. Either way the database outbox is the source
-of truth (pacsnode.dispatcher), so a message the broker loses is published
+of truth (pacsnode.workers.dispatcher), so a message the broker loses is published
 again.
 
 Queues: ``cpu`` (load, preprocess, encode, export) and ``gpu`` (model

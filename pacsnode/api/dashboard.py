@@ -80,7 +80,7 @@ def logout() -> Response:
 
 @router.get("/", response_class=HTMLResponse)
 def overview(request: Request, settings: SettingsDep, engine: EngineDep) -> HTMLResponse:
-    from pacsnode.brokerstate import queue_depths
+    from pacsnode.workers.brokerstate import queue_depths
 
     principal = _principal(request, settings, engine)
     with audited(engine, principal, "ui.overview") as conn:

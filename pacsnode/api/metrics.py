@@ -23,12 +23,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 
-from pacsnode.brokerstate import queue_depths
 from pacsnode.core.settings import Settings
 from pacsnode.db.admin import JOB_STATES
 from pacsnode.db.exports import STATES as EXPORT_STATES
 from pacsnode.db.models import AuditEvent, Export, Instance, Job
 from pacsnode.db.stats import grouped, timing_values
+from pacsnode.workers.brokerstate import queue_depths
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 

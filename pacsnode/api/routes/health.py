@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from pacsnode.api.deps import EngineDep, SettingsDep
 from pacsnode.api.schemas import ReadyPublic
-from pacsnode.brokerstate import broker_reachable
+from pacsnode.workers.brokerstate import broker_reachable
 
 router = APIRouter(tags=["health"])
 
