@@ -10,19 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pacsnode.cli.common import err, node_settings, out
 from pacsnode.core.errors import ConfigError
-from pacsnode.core.settings import Settings, load_settings
-
-out = Console()
-err = Console(stderr=True)
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        err.print(f"[red]pacsnode: {exc}[/red]", highlight=False)
-        raise typer.Exit(2) from None
+from pacsnode.core.settings import Settings
 
 
 def cleanup(
@@ -44,7 +34,7 @@ def cleanup(
     from pacsnode.db.retention import apply_retention, summarize
     from pacsnode.db.session import create_db_engine
 
-    settings = _settings()
+    settings = node_settings()
     days = keep_days if keep_days is not None else settings.retention.keep_days
     if days is None:
         out.print("retention disabled (retention.keep_days is not set): nothing deleted")
@@ -105,7 +95,7 @@ def healthcheck(
     A-ASSOCIATE-RQ.
     """
     problems = []
-    settings = _settings()
+    settings = node_settings()
     try:
         _check_database(settings)
     except Exception as exc:
@@ -171,3 +161,9 @@ def _check_dicom(settings: Settings, timeout: float) -> None:
         assoc.release()
     if not status or cast(int, status.Status) != 0x0000:
         raise ConnectionError("C-ECHO failed")
+
+
+def register(app: typer.Typer) -> None:
+    """Add cleanup and healthcheck to the ``pacsnode`` app."""
+    app.command()(cleanup)
+    app.command()(healthcheck)

@@ -1,31 +1,36 @@
 """Administration commands: the API's common questions on the command line.
 
 ``pacsnode jobs|results|models|stats|audit`` use the same query
-layer as the API (:mod:`db.queries`, :mod:`db.admin`, :mod:`db.stats`) with
-the same filters; ``--json`` prints one JSON object per line. Actions
+layer as the API (:mod:`pacsnode.db.queries`, :mod:`pacsnode.db.admin`,
+:mod:`pacsnode.db.stats`) with the same filters; ``--json`` prints one JSON object per line. Actions
 (retry, reprocess, enable, disable, token creation) are audited as
 ``cli:<user>``.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
-import socket
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from sqlalchemy import Engine
 
-from pacsnode.core.errors import ConfigError
-from pacsnode.core.settings import Settings, load_settings
+from pacsnode.cli.common import (
+    AsJson,
+    Limit,
+    Offset,
+    choice,
+    cli_actor,
+    fail,
+    json_lines,
+    node_engine,
+    node_settings,
+    out,
+    parse_time,
+    print_table,
+    when,
+)
 from pacsnode.db import audit
-
-out = Console()
-err = Console(stderr=True)
 
 jobs_app = typer.Typer(help="Pipeline jobs. Without a command: list them, newest first.")
 results_app = typer.Typer(
@@ -36,69 +41,6 @@ models_app = typer.Typer(
     help="Installed models (bundled ones: demonstration and testing only, not clinical use). "
     "Without a command: list them."
 )
-
-Limit = Annotated[int, typer.Option(min=1, max=10_000)]
-Offset = Annotated[int, typer.Option(min=0)]
-AsJson = Annotated[bool, typer.Option("--json", help="print JSON lines")]
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        err.print(f"[red]pacsnode: {exc}[/red]", highlight=False)
-        raise typer.Exit(2) from None
-
-
-def _engine(settings: Settings) -> Engine:
-    from pacsnode.db.session import create_db_engine
-
-    return create_db_engine(settings.effective_database_url)
-
-
-def cli_actor() -> audit.Actor:
-    return audit.Actor("cli", f"cli:{getpass.getuser()}", socket.gethostname())
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]pacsnode: {message}[/red]", highlight=False)
-    return typer.Exit(code)
-
-
-def _choice(name: str, value: str | None, allowed: tuple[str, ...]) -> None:
-    if value is not None and value not in allowed:
-        raise _fail(f"unknown {name} {value!r} (one of {', '.join(allowed)})")
-
-
-def _when(value: datetime | None) -> str:
-    if value is None:
-        return "-"
-    value = value if value.tzinfo else value.replace(tzinfo=UTC)
-    return value.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _since(value: str | None, name: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise _fail(f"--{name}: expected an ISO 8601 date or time, got {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _print(rows: list[Any], total: int, title: str, columns: dict[str, Any]) -> None:
-    table = Table(title=f"{title} ({len(rows)} of {total})")
-    for name in columns:
-        table.add_column(name)
-    for row in rows:
-        table.add_row(*(str(get(row)) for get in columns.values()))
-    Console(width=max(out.width, 160)).print(table)
-
-
-def _json_lines(rows: list[Any]) -> None:
-    for row in rows:
-        print(json.dumps(row.as_json()))
 
 
 # --- jobs -----------------------------------------------------------------------
@@ -120,12 +62,12 @@ def jobs_list(
         return
     from pacsnode.db.admin import JOB_STATES, list_jobs
 
-    _choice("state", state, JOB_STATES)
-    with _engine(_settings()).connect() as conn:
+    choice("state", state, JOB_STATES)
+    with node_engine(node_settings()).connect() as conn:
         page = list_jobs(conn, state=state, study_instance_uid=study, limit=limit, offset=offset)
     if as_json:
-        return _json_lines(page.items)
-    _print(
+        return json_lines(page.items)
+    print_table(
         page.items,
         page.total,
         "Jobs",
@@ -135,8 +77,8 @@ def jobs_list(
             "Kind": lambda r: r.kind,
             "State": lambda r: r.state,
             "Tries": lambda r: r.attempts,
-            "Created (UTC)": lambda r: _when(r.created_at),
-            "Finished (UTC)": lambda r: _when(r.finished_at),
+            "Created (UTC)": lambda r: when(r.created_at),
+            "Finished (UTC)": lambda r: when(r.finished_at),
             "Error": lambda r: r.error,
         },
     )
@@ -149,7 +91,7 @@ def jobs_retry(
     """Put failed jobs (all, or those given) back to pending; the dispatcher queues them."""
     from pacsnode.db.admin import retry_jobs
 
-    with _engine(_settings()).begin() as conn:
+    with node_engine(node_settings()).begin() as conn:
         done = retry_jobs(conn, ids or None)
         audit.record(conn, cli_actor(), "jobs.retry", detail={"asked": ids, "ids": done})
     out.print(f"re-queued {len(done)} job(s)", highlight=False)
@@ -161,11 +103,11 @@ def jobs_reprocess(study: Annotated[str, typer.Argument(help="Study Instance UID
     from pacsnode.db.admin import NotFound, reprocess_study
 
     try:
-        with _engine(_settings()).begin() as conn:
+        with node_engine(node_settings()).begin() as conn:
             job_id = reprocess_study(conn, study)
             audit.record(conn, cli_actor(), "studies.reprocess", target=study)
     except NotFound as exc:
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     out.print(f"job {job_id} queued for study {study}", highlight=False)
 
 
@@ -209,16 +151,16 @@ def results_findings(
         min_probability,
         max_probability,
         ood,
-        _since(since, "since"),
-        _since(until, "until"),
+        parse_time(since, "since"),
+        parse_time(until, "until"),
         study,
     )
-    with _engine(_settings()).begin() as conn:
+    with node_engine(node_settings()).begin() as conn:
         page = list_findings(conn, flt, limit=limit, offset=offset)
         audit.record(conn, cli_actor(), "results.findings.read", detail=_detail(flt))
     if as_json:
-        return _json_lines(page.items)
-    _print(
+        return json_lines(page.items)
+    print_table(
         page.items,
         page.total,
         "Findings",
@@ -229,7 +171,7 @@ def results_findings(
             "P": lambda r: f"{r.probability:.3f}",
             "Positive": lambda r: r.positive,
             "OOD": lambda r: r.ood,
-            "Created (UTC)": lambda r: _when(r.created_at),
+            "Created (UTC)": lambda r: when(r.created_at),
         },
     )
 
@@ -265,16 +207,16 @@ def results_segments(
         None,
         None,
         ood,
-        _since(since, "since"),
-        _since(until, "until"),
+        parse_time(since, "since"),
+        parse_time(until, "until"),
         study,
     )
-    with _engine(_settings()).begin() as conn:
+    with node_engine(node_settings()).begin() as conn:
         page = list_segments(conn, flt, limit=limit, offset=offset)
         audit.record(conn, cli_actor(), "results.segments.read", detail=_detail(flt))
     if as_json:
-        return _json_lines(page.items)
-    _print(
+        return json_lines(page.items)
+    print_table(
         page.items,
         page.total,
         "Segments",
@@ -300,12 +242,12 @@ def models_list(ctx: typer.Context, as_json: AsJson = False) -> None:
         return
     from pacsnode.db.modelswitch import list_models
 
-    settings = _settings()
-    with _engine(settings).connect() as conn:
+    settings = node_settings()
+    with node_engine(settings).connect() as conn:
         rows = list_models(conn, settings)
     if as_json:
-        return _json_lines(rows)
-    _print(
+        return json_lines(rows)
+    print_table(
         rows,
         len(rows),
         "Models",
@@ -324,16 +266,16 @@ def _switch(name: str, version: str, enabled: bool) -> None:
     from pacsnode.core.errors import ModelConfigError
     from pacsnode.db.modelswitch import switch_model
 
-    settings = _settings()
+    settings = node_settings()
     actor = cli_actor()
     action = "models.enable" if enabled else "models.disable"
     target = f"{name}@{version}" if version else name
     try:
-        with _engine(settings).begin() as conn:
+        with node_engine(settings).begin() as conn:
             switch_model(conn, settings, name, version, enabled, actor.name)
             audit.record(conn, actor, action, target=target)
     except ModelConfigError as exc:
-        raise _fail(str(exc), 1) from None
+        raise fail(str(exc), 1) from None
     out.print(f"{target}: {'enabled' if enabled else 'disabled'} from the next job on")
 
 
@@ -360,7 +302,7 @@ def stats(as_json: AsJson = False) -> None:
     """Counts, throughput and p50/p95 stage latencies (per model for forward passes)."""
     from pacsnode.db.stats import stats as node_stats
 
-    with _engine(_settings()).connect() as conn:
+    with node_engine(node_settings()).connect() as conn:
         figures = node_stats(conn)
     if as_json:
         print(json.dumps(figures.as_json()))
@@ -379,7 +321,7 @@ def stats(as_json: AsJson = False) -> None:
         f"exports {figures.exports}; findings {figures.findings}, segments {figures.segments}",
         highlight=False,
     )
-    _print(
+    print_table(
         figures.latencies,
         len(figures.latencies),
         "Stage latencies",
@@ -404,27 +346,27 @@ def audit_cmd(
     offset: Offset = 0,
 ) -> None:
     """The audit trail, newest first: who did what, when and from where."""
-    _choice("channel", channel, audit.CHANNELS)
-    with _engine(_settings()).connect() as conn:
+    choice("channel", channel, audit.CHANNELS)
+    with node_engine(node_settings()).connect() as conn:
         rows, total = audit.list_events(
             conn,
             channel=channel,
             actor=actor,
             action=action,
-            since=_since(since, "since"),
-            until=_since(until, "until"),
+            since=parse_time(since, "since"),
+            until=parse_time(until, "until"),
             limit=limit,
             offset=offset,
         )
     if as_json:
-        return _json_lines(rows)
-    _print(
+        return json_lines(rows)
+    print_table(
         rows,
         total,
         "Audit",
         {
             "ID": lambda r: r.id,
-            "At (UTC)": lambda r: _when(r.at),
+            "At (UTC)": lambda r: when(r.at),
             "Channel": lambda r: r.channel,
             "Actor": lambda r: r.actor,
             "From": lambda r: r.source,
@@ -437,13 +379,9 @@ def audit_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Add these commands (and :mod:`pacsnode.cli_access`'s) to the ``pacsnode`` app."""
-    from pacsnode.cli_access import api, tokens_app
-
+    """Add jobs, results, models, stats and audit to the ``pacsnode`` app."""
     app.add_typer(jobs_app, name="jobs")
     app.add_typer(results_app, name="results")
     app.add_typer(models_app, name="models")
-    app.add_typer(tokens_app, name="tokens")
     app.command("stats")(stats)
     app.command("audit")(audit_cmd)
-    app.command("api")(api)

@@ -10,17 +10,17 @@ from typing import Annotated
 
 import typer
 
-from pacsnode.cli_admin import (
+from pacsnode.cli.common import (
     AsJson,
-    _choice,
-    _engine,
-    _fail,
-    _print,
-    _settings,
-    _when,
+    choice,
     cli_actor,
     err,
+    fail,
+    node_engine,
+    node_settings,
     out,
+    print_table,
+    when,
 )
 from pacsnode.db import audit
 
@@ -35,11 +35,11 @@ def tokens_create(
     """Create an API token and print it once (only its SHA-256 is stored)."""
     from pacsnode.db.tokens import ROLES, create_token
 
-    _choice("role", role, ROLES)
+    choice("role", role, ROLES)
     name = name.strip() or f"{role}-{datetime.now(UTC):%Y%m%d%H%M%S}"
     if len(name) > 64:
-        raise _fail("--name: at most 64 characters")
-    with _engine(_settings()).begin() as conn:
+        raise fail("--name: at most 64 characters")
+    with node_engine(node_settings()).begin() as conn:
         token_id, token = create_token(conn, role, name)
         audit.record(
             conn,
@@ -60,7 +60,7 @@ def tokens_list(as_json: AsJson = False) -> None:
     """Tokens (names and roles; never the tokens themselves)."""
     from pacsnode.db.tokens import list_tokens
 
-    with _engine(_settings()).connect() as conn:
+    with node_engine(node_settings()).connect() as conn:
         rows = list_tokens(conn)
     if as_json:
         for r in rows:
@@ -75,7 +75,7 @@ def tokens_list(as_json: AsJson = False) -> None:
                 )
             )
         return
-    _print(
+    print_table(
         rows,
         len(rows),
         "Tokens",
@@ -83,8 +83,8 @@ def tokens_list(as_json: AsJson = False) -> None:
             "ID": lambda r: r.id,
             "Name": lambda r: r.name,
             "Role": lambda r: r.role,
-            "Created (UTC)": lambda r: _when(r.created_at),
-            "Revoked": lambda r: _when(r.revoked_at),
+            "Created (UTC)": lambda r: when(r.created_at),
+            "Revoked": lambda r: when(r.revoked_at),
         },
     )
 
@@ -94,12 +94,12 @@ def tokens_revoke(token_id: Annotated[int, typer.Argument(help="token id (tokens
     """Revoke a token: it stops working at once."""
     from pacsnode.db.tokens import revoke
 
-    with _engine(_settings()).begin() as conn:
+    with node_engine(node_settings()).begin() as conn:
         done = revoke(conn, token_id)
         if done:
             audit.record(conn, cli_actor(), "tokens.revoke", target=f"token-id:{token_id}")
     if not done:
-        raise _fail(f"no live token {token_id}", 1)
+        raise fail(f"no live token {token_id}", 1)
     out.print(f"token {token_id} revoked")
 
 
@@ -112,13 +112,13 @@ def api() -> None:
     from pacsnode.core.logs import configure_logging
     from pacsnode.db.migrate import upgrade
 
-    settings = _settings()
+    settings = node_settings()
     configure_logging(settings.log_level, process_name="api")
-    upgrade(_engine(settings))
+    upgrade(node_engine(settings))
     try:
         sock = bind_api(settings)
     except OSError as exc:
-        raise _fail(f"api.host/http_port: cannot listen: {exc.strerror}") from None
+        raise fail(f"api.host/http_port: cannot listen: {exc.strerror}") from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -126,3 +126,9 @@ def api() -> None:
     print(f"pacsnode api: http://{host}:{port}", flush=True)
     run_api(settings, stop, sock)
     sys.exit(0)
+
+
+def register(app: typer.Typer) -> None:
+    """Add tokens and api to the ``pacsnode`` app."""
+    app.add_typer(tokens_app, name="tokens")
+    app.command("api")(api)
