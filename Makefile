@@ -12,7 +12,7 @@ export PACSNODE_CONFIG ?= $(CURDIR)/pacsnode.example.yaml
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || scripts/install-debian-packages python
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip 'setuptools>=77'
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,lab]'
 	@touch $@
 

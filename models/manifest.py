@@ -40,7 +40,7 @@ from pydantic import (
 )
 
 from pacsnode.core.errors import ModelConfigError
-from pacsnode.workers.preprocess import PreprocessSpec
+from pacsnode.models.inputspec import PreprocessSpec
 
 MANIFEST_FILE = "manifest.yaml"
 # Bump when a field changes meaning; a manifest written for another format

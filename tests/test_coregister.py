@@ -17,10 +17,10 @@ import pytest
 from scipy import ndimage
 
 from pacsnode.lab.phantom import Grid, SeriesImage, StudyHeader, series_datasets
+from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.workers.coregister import TargetGrid, check_same_frame, resample_onto
 from pacsnode.workers.errors import CoregistrationError
 from pacsnode.workers.fusion import stack_roles
-from pacsnode.workers.preprocess import PreprocessSpec
 from pacsnode.workers.volume import Volume, load_series
 
 MARKER_MM = (23.0, -41.0, 17.0)  # patient (x, y, z)

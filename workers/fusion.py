@@ -33,11 +33,12 @@ import numpy as np
 from pacsnode.core.errors import PacsnodeError
 from pacsnode.db.fusion import Outcome
 from pacsnode.db.results import Code, FindingRecord
+from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.models.manifest import ModelManifest, SeriesInfo
 from pacsnode.models.registry import RegisteredModel
 from pacsnode.workers.coregister import TargetGrid, check_same_frame, resample_onto
 from pacsnode.workers.infer import ModelResult, identity
-from pacsnode.workers.preprocess import OutputGeometry, PreprocessSpec, output_geometry, preprocess
+from pacsnode.workers.preprocess import OutputGeometry, output_geometry, preprocess
 from pacsnode.workers.volume import Volume
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pacsnode.db.results import Code, FindingRecord, ModelIdentity, SegmentRecord
+from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.models.manifest import ModelManifest, Output
 from pacsnode.models.registry import RegisteredModel, Registry
-from pacsnode.workers.preprocess import PreprocessSpec, restore
+from pacsnode.workers.preprocess import restore
 from pacsnode.workers.volume import Volume
 
 log = logging.getLogger(__name__)

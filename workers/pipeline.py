@@ -30,6 +30,7 @@ from pacsnode.db.models import Instance, Job, Series, Study
 from pacsnode.db.modelswitch import effective_disabled, switches
 from pacsnode.db.results import replace_results
 from pacsnode.db.stats import record_timings
+from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.models.manifest import SeriesInfo
 from pacsnode.models.registry import RegisteredModel, Registry
 from pacsnode.workers.encode import encode_job, read_source
@@ -42,7 +43,7 @@ from pacsnode.workers.fusion import (
 )
 from pacsnode.workers.infer import ModelResult, infer_series, load_for_inference
 from pacsnode.workers.outputs import OutputObject, store_outputs
-from pacsnode.workers.preprocess import PreprocessCache, PreprocessSpec, write_atomically
+from pacsnode.workers.preprocess import PreprocessCache, write_atomically
 from pacsnode.workers.volume import Volume, load_series
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Turn a :class:`~workers.volume.Volume` into a model's input array.
 
-One model's needs are a :class:`PreprocessSpec` (read later from its YAML
-manifest). :func:`preprocess` applies it in a fixed order:
+One model's needs are a :class:`~pacsnode.models.inputspec.PreprocessSpec`
+(from its manifest). :func:`preprocess` applies it in a fixed order:
 
 1. resample to ``target_spacing`` / ``target_shape`` (with centred crop/pad),
 2. denoise,
@@ -20,7 +20,6 @@ that share a spec load and preprocess the series once.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -28,77 +27,18 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, Self
+from typing import Any, BinaryIO
 
 import numpy as np
 import scipy.ndimage as ndi  # type: ignore[import-untyped]  # no scipy-stubs in dev deps yet
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.workers.errors import PreprocessError
 from pacsnode.workers.volume import Volume
 
 log = logging.getLogger(__name__)
 
-# Bump when the meaning of a spec changes (order of steps, grid convention,
-# filter modes): it is part of every cache key, so stale entries are not reused.
-PREPROCESS_VERSION = 1
 PERCENTILES = (0.5, 99.5)
-
-Normalise = Literal["window", "minmax", "zscore", "percentile", "none"]
-Denoise = Literal["none", "mean", "median", "gaussian"]
-
-
-class PreprocessSpec(BaseModel):
-    """How one model wants its input. Axes are (z, y, x), lengths in mm.
-
-    - ``target_spacing``: resample to this voxel size; voxel [0, 0, 0] keeps its
-      position and the physical extent is kept (shape = round(n·spacing/target)).
-    - ``target_shape``: with ``target_spacing``, crop or pad (with the volume's
-      minimum, i.e. background) centred to this shape; without it, resample
-      the whole volume to this shape (voxel edges aligned, extent kept).
-    - ``window``: (center, width); values are clipped to center ± width/2 and
-      scaled to [0, 1]. Requires ``normalise="window"``.
-    - ``normalise``: ``minmax`` → [0, 1]; ``percentile`` clips to the 0.5 and
-      99.5 percentiles, then → [0, 1]; ``zscore`` → mean 0, std 1 with the
-      statistics over all voxels, or only over voxels > ``zscore_threshold``
-      when given (e.g. 0 to ignore MR background, -500 HU to ignore air).
-    - ``denoise``: ``mean`` / ``median`` use a cube of ``denoise_size`` voxels,
-      ``gaussian`` a sigma of ``denoise_sigma`` voxels (of the output grid).
-      ``median`` is slow on large volumes (about 5 s for 200x256x256 here).
-    - ``interpolation_order``: spline order for resampling (0 nearest,
-      1 linear; > 1 prefilters the whole volume in float64 and is slower).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    target_spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None
-    target_shape: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
-    window: tuple[float, PositiveFloat] | None = None
-    normalise: Normalise = "none"
-    zscore_threshold: float | None = None
-    denoise: Denoise = "none"
-    denoise_size: int = Field(default=3, ge=1, le=15)
-    denoise_sigma: PositiveFloat = 1.0
-    interpolation_order: int = Field(default=1, ge=0, le=5)
-
-    @model_validator(mode="after")
-    def _check_combinations(self) -> Self:
-        if self.normalise == "window" and self.window is None:
-            raise ValueError("normalise='window' requires window=(center, width)")
-        if self.window is not None and self.normalise != "window":
-            raise ValueError(
-                f"window is set but normalise={self.normalise!r}; use normalise='window' "
-                "or drop window"
-            )
-        if self.zscore_threshold is not None and self.normalise != "zscore":
-            raise ValueError("zscore_threshold is only used with normalise='zscore'")
-        return self
-
-    def cache_key(self) -> str:
-        """SHA-256 of the canonical JSON of the spec and PREPROCESS_VERSION."""
-        payload = {"version": PREPROCESS_VERSION, "spec": self.model_dump(mode="json")}
-        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ import yaml
 
 from pacsnode.lab.phantom import StudySpec, generate_study
 from pacsnode.lab.recipe_data import mask_on, volume_of
-from pacsnode.workers.preprocess import PreprocessSpec, preprocess
+from pacsnode.models.inputspec import PreprocessSpec
+from pacsnode.workers.preprocess import preprocess
 
 NAME = "tiny-lesion-segmenter"
 VERSION = "0.1.0"

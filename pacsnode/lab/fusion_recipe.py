@@ -28,8 +28,8 @@ import numpy as np
 from pacsnode.lab import recipe_data as data
 from pacsnode.lab.evaluation import roc_auc
 from pacsnode.lab.phantom import Study, StudySpec, generate_study
+from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.workers.fusion import decision_scores, stack_roles
-from pacsnode.workers.preprocess import PreprocessSpec
 
 NAME = "ct-pt-avid-fusion"
 VERSION = "1.0.0"

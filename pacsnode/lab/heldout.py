@@ -40,8 +40,9 @@ from pacsnode.lab.evaluation import (
     write_report,
 )
 from pacsnode.lab.fusion_eval import evaluate_fusion
+from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.models.registry import RegisteredModel, Registry
-from pacsnode.workers.preprocess import PreprocessSpec, preprocess
+from pacsnode.workers.preprocess import preprocess
 from pacsnode.workers.volume import Volume
 
 FOV_MM = 400.0

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pacsnode.lab.phantom import SeriesImage, Study, StudySpec, generate_study
-from pacsnode.workers.preprocess import PreprocessSpec, preprocess
+from pacsnode.models.inputspec import PreprocessSpec
+from pacsnode.workers.preprocess import preprocess
 from pacsnode.workers.volume import Volume
 
 TRAIN_SEED = 0

@@ -53,9 +53,10 @@ import yaml
 from rich.progress import Progress
 
 from pacsnode.lab import recipe_data as data
+from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.models.manifest import ModelManifest, read_manifest
 from pacsnode.models.registry import sha256_of
-from pacsnode.workers.preprocess import PreprocessSpec, preprocess
+from pacsnode.workers.preprocess import preprocess
 
 VERSION = "1.0.0"
 GATE = "ct-ood-gate"
