@@ -4,7 +4,7 @@ The storage SCP records arrivals (:func:`note_arrivals`, in the transaction
 that indexes the instances) and the end of each association
 (:func:`close_associations`). The assembler reads the groups still assembling
 (:func:`assembling`) and, when one is complete, marks it triggered and writes
-its job row in one transaction (:func:`trigger`): the outbox of DESIGN §2.
+its job row in one transaction (:func:`trigger`): the outbox of docs/architecture.md
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The export queue: one row per (output object, destination) (DESIGN §2.4).
+"""The export queue: one row per (output object, destination) (docs/architecture.md §3, exports).
 
 The database is the queue. The pipeline's export stage calls
 :func:`enqueue_exports`; the ``export_due`` task (:func:`scp.export.run_due`)

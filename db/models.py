@@ -126,7 +126,7 @@ class Assembly(Base):
 
     Written with the instance rows (same transaction), so every acknowledged
     instance is accounted for; the assembler reads these rows to decide when
-    the group is complete (DESIGN §3).
+    the group is complete (docs/architecture.md §4).
     """
 
     __tablename__ = "assembly"
@@ -238,7 +238,7 @@ class Segment(_ModelResult, Base):
 
 
 class Export(Base):
-    """One output object owed to one destination (DESIGN §2.4).
+    """One output object owed to one destination (docs/architecture.md §3, exports).
 
     Written by the pipeline's export stage, one row per (instance, destination
     name); sent by the ``export_due`` task (:mod:`scp.export`). The row is the

@@ -1,4 +1,4 @@
-"""The YAML manifest that describes one model (DESIGN §4).
+"""The YAML manifest that describes one model (docs/architecture.md §5).
 
 A model is a folder ``<models_dir>/<folder>/`` holding ``manifest.yaml`` and
 its weights file. The manifest says what the model is (name, version, task),

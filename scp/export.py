@@ -1,4 +1,4 @@
-"""The C-STORE SCU that returns results to the PACS (DESIGN §2.4, PS3.4 Annex B).
+"""The C-STORE SCU that returns results to the PACS (docs/architecture.md §3, exports, PS3.4 Annex B).
 
 :func:`send_batch` sends files to one destination over one association
 (association reuse: a study's SEG and SR, or a backlog of many studies, cost

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -209,11 +210,14 @@ def test_link_folders_are_the_package_links() -> None:
 def test_the_wheel_installs_one_namespace(tmp_path: Path) -> None:
     """``pip install .`` puts ``pacsnode`` and nothing else into site-packages:
     build the wheel it would install and read its file list."""
+    build_dir_existed = (ROOT / "build").exists()
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
          "--quiet", "--wheel-dir", str(tmp_path), str(ROOT)],
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    if not build_dir_existed:  # setuptools builds in the source tree
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     (wheel,) = tmp_path.glob("pacsnode-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}

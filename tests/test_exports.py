@@ -1,4 +1,4 @@
-"""Exports of results (DESIGN §2.4): the queue on SQLite and PostgreSQL, the
+"""Exports of results (docs/architecture.md §3, exports): the queue on SQLite and PostgreSQL, the
 C-STORE SCU against dcmtk's storescp and pynetdicom peers on free ports, the
 CLI, and a running node whose dispatcher and worker deliver due rows.
 

@@ -447,7 +447,7 @@ def test_getscu_retrieves_the_study(qr: QR) -> None:
          "-od", str(out), "127.0.0.1", str(qr.node.port), "-k", "QueryRetrieveLevel=STUDY",
          "-k", f"StudyInstanceUID={qr.study_uid}"],
         capture_output=True, text=True, timeout=120,
-        env={**os.environ, "TCP_NODELAY": "1"},  # dcmtk receivers: see NOTES.md
+        env={**os.environ, "TCP_NODELAY": "1"},  # dcmtk receivers leave Nagle on otherwise
     )  # fmt: skip
     assert result.returncode == 0, result.stderr + qr.node.log()[-4000:]
     originals = study_files(qr)

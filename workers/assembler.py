@@ -1,6 +1,6 @@
 """The study assembler: decides when a study (or series) is complete.
 
-DICOM has no end-of-study signal (DESIGN §3). For each group still
+DICOM has no end-of-study signal (docs/architecture.md §4). For each group still
 assembling, in this order:
 
 1. ``association_released``: the association that sent it was released at

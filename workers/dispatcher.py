@@ -1,6 +1,6 @@
 """The dispatcher: publishes the outbox's pending jobs to the broker.
 
-The database is the source of truth for work (DESIGN §2). A job is marked
+The database is the source of truth for work (docs/architecture.md §3). A job is marked
 queued only after the broker accepted its message; while the broker is down
 jobs stay pending and are published when it is back. At start-up, jobs that
 were queued or running when the node stopped are published again: their
@@ -9,7 +9,7 @@ idempotent. While running, jobs that have been ``running`` for longer than a
 task's hard time limit lost their worker (killed wholesale, or by the limit)
 and are published again, a bounded number of times.
 
-Exports (DESIGN §2.4) are rows too (:mod:`db.exports`): while some are due,
+Exports (docs/architecture.md §3, exports) are rows too (:mod:`db.exports`): while some are due,
 the dispatcher publishes one ``export_due`` task, and another only when rows
 it has not seen become due (new, back from backoff, re-queued, or claimed by
 a lost worker), or when the last message may have been lost. A worker busy

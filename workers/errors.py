@@ -7,7 +7,7 @@ gives the same error), so they must never be retried. The owner of
 ``pacsnode.errors`` may move them there later.
 
 Messages name the series by its SeriesInstanceUID and instances by their SOP
-Instance UID, never by patient name or ID (DESIGN.md §7), so they can be
+Instance UID, never by patient name or ID (docs/architecture.md §3, privacy), so they can be
 logged and stored in job rows as they are.
 """
 

@@ -17,7 +17,7 @@ series), the same for every run. Every SeriesDescription, the SEG's Content
 Description and the Contributing Equipment's Contribution Description say the
 results come from demonstration models, not for clinical use.
 
-**Storage.** Each object is written like a received instance (DESIGN §2.1):
+**Storage.** Each object is written like a received instance (docs/architecture.md §3):
 a temporary file in the spool's ``.incoming``, then :meth:`Spool.adopt`
 (fsync, rename to ``<Study>/<Series>/<SOP>.dcm``, fsync the folder). Once all
 files are durable they are indexed in one transaction with

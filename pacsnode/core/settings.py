@@ -30,7 +30,7 @@ from pacsnode.core.errors import ConfigError
 from pacsnode.core.tls import ClientTLS, ServerTLS
 
 CONFIG_ENV = "PACSNODE_CONFIG"
-# The demonstration models shipped with pacsnode (DESIGN §4), in the ``models``
+# The demonstration models shipped with pacsnode (docs/architecture.md §5), in the ``models``
 # package beside this one. Found by location, not by ``import models``: a
 # ``models/`` folder in the working directory could shadow that name.
 BUNDLED_MODELS_DIR = (Path(__file__).parent.parent / "models" / "bundled").resolve()
@@ -69,7 +69,7 @@ Host = Annotated[str, AfterValidator(_check_host)]
 
 
 class CompletionPolicy(BaseModel):
-    """When a study (or series) counts as complete (DESIGN §3).
+    """When a study (or series) counts as complete (docs/architecture.md §4).
 
     DICOM has no end-of-study signal. A study is ready ``debounce_s`` after
     the association that sent it was released, if no other association from
@@ -82,7 +82,7 @@ class CompletionPolicy(BaseModel):
     grouping: Literal["study", "series"] = Field(
         default="study", description="one job per study, or per series"
     )
-    # DESIGN §3 suggests about 2 s; 0.5 s still covers senders that open
+    # docs/architecture.md §4 suggests about 2 s; 0.5 s still covers senders that open
     # their associations back to back, and lets work start within a second of
     # the release (bench/trigger). Raise it per peer for senders that pause
     # between series: each series that misses it costs a whole-study update job.
@@ -177,7 +177,7 @@ class ExportRule(BaseModel):
 
 
 class ExportPolicy(BaseModel):
-    """Export of results by C-STORE (DESIGN §2.4): the rules choosing
+    """Export of results by C-STORE (docs/architecture.md §3, exports): the rules choosing
     destinations, and how long and how often a failed export is retried."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
