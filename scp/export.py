@@ -1,4 +1,5 @@
-"""The C-STORE SCU that returns results to the PACS (docs/architecture.md §3, exports, PS3.4 Annex B).
+"""The C-STORE SCU that returns results to the PACS (PS3.4 Annex B; the
+export promise: docs/architecture.md §3).
 
 :func:`send_batch` sends files to one destination over one association
 (association reuse: a study's SEG and SR, or a backlog of many studies, cost

@@ -7,10 +7,10 @@ One network, three heads (models.architectures.build_fusion_classifier):
 CT-only, PT-only and feature-level fused, each trained on "this slice holds
 an FDG-avid lesion" with its own binary cross-entropy. Batches are half
 positive slices, flipped at random (both channels alike). AdamW with cosine
-decay and BatchNorm momentum 0.9 (with the default momentum 0.99, short runs give inference-mode models that fail); validation runs in
-inference mode. On the validation studies the decision-level weights
-(CT head, PT head) are fitted, and the threshold of the reported
-probability.
+decay and BatchNorm momentum 0.9 (with the default 0.99, short runs give
+models that fail in inference mode); validation runs in inference mode.
+On the validation studies the decision-level weights (CT head, PT head)
+are fitted, and the threshold of the reported probability.
 """
 
 from __future__ import annotations
