@@ -38,6 +38,12 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, delete, func, select, update
 
+from pacsnode.core.states import (
+    UNFINISHED_JOB_STATES,
+    UNSENT_EXPORT_STATES,
+    AssemblyState,
+    ExportState,
+)
 from pacsnode.db.models import (
     Assembly,
     Export,
@@ -51,9 +57,6 @@ from pacsnode.db.models import (
 )
 
 log = logging.getLogger(__name__)
-
-UNFINISHED_JOB_STATES = ("pending", "queued", "running")
-UNSENT_EXPORT_STATES = ("pending", "sending", "retrying")
 
 
 @dataclass(slots=True)
@@ -95,7 +98,7 @@ def keep_reasons(conn: Connection, study_pk: int, discard_failed_exports: bool) 
     assembling = conn.execute(
         select(func.count())
         .select_from(Assembly)
-        .where(Assembly.study_pk == study_pk, Assembly.state == "assembling")
+        .where(Assembly.study_pk == study_pk, Assembly.state == AssemblyState.ASSEMBLING)
     ).scalar_one()
     if assembling:
         reasons.append("still being received (not yet complete)")
@@ -106,7 +109,9 @@ def keep_reasons(conn: Connection, study_pk: int, discard_failed_exports: bool) 
     ).all()
     reasons += [f"job {job_id} is {state}" for job_id, state in jobs]
     export_states = (
-        UNSENT_EXPORT_STATES if discard_failed_exports else (*UNSENT_EXPORT_STATES, "failed")
+        UNSENT_EXPORT_STATES
+        if discard_failed_exports
+        else (*UNSENT_EXPORT_STATES, ExportState.FAILED)
     )
     exports = conn.execute(
         select(Export.id, Export.destination, Export.state)
@@ -118,7 +123,8 @@ def keep_reasons(conn: Connection, study_pk: int, discard_failed_exports: bool) 
     for export_id, destination, state in exports:
         hint = " (pacsnode exports retry, or retention.discard_failed_exports)"
         reasons.append(
-            f"export {export_id} to {destination} is {state}" + (hint if state == "failed" else "")
+            f"export {export_id} to {destination} is {state}"
+            + (hint if state == ExportState.FAILED else "")
         )
     return reasons
 

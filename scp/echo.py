@@ -10,13 +10,9 @@ from pynetdicom import AE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.errors import EchoError
 
 _TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
-
-
-class EchoError(PacsnodeError):
-    """The peer did not answer the verification with Success."""
 
 
 def parse_target(target: str) -> tuple[str, str, int]:

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pacsnode.core.errors import CoregistrationError
 from pacsnode.lab.phantom import Grid, SeriesImage, StudyHeader, series_datasets
 from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.workers.coregister import TargetGrid, check_same_frame, resample_onto
-from pacsnode.workers.errors import CoregistrationError
 from pacsnode.workers.fusion import stack_roles
 from pacsnode.workers.volume import Volume, load_series
 

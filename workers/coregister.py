@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage  # type: ignore[import-untyped]  # no scipy-stubs in dev deps
 
-from pacsnode.workers.errors import CoregistrationError
+from pacsnode.core.errors import CoregistrationError
 from pacsnode.workers.volume import Volume
 
 

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.states import FusionState
 from pacsnode.db.fusion import Outcome
 from pacsnode.db.results import Code, FindingRecord
 from pacsnode.models.inputspec import PreprocessSpec
@@ -46,10 +46,6 @@ log = logging.getLogger(__name__)
 # Heads of models.architectures.build_fusion_classifier, in output order.
 HEADS = ("ct", "pt", "fused")
 _EPS = 1e-6
-
-
-class FusionError(PacsnodeError):
-    """A fusion model could not combine the series of a study."""
 
 
 @dataclass(frozen=True)
@@ -223,5 +219,7 @@ def missing_outcome(
     until = first_received + timedelta(seconds=max_wait_s)
     if now >= until:
         detail = f"incomplete study: no series for role(s) {', '.join(missing)}"
-        return Outcome("incomplete", missing, series, detail, until)
-    return Outcome("waiting", missing, series, f"waiting for role(s) {', '.join(missing)}", until)
+        return Outcome(FusionState.INCOMPLETE, missing, series, detail, until)
+    return Outcome(
+        FusionState.WAITING, missing, series, f"waiting for role(s) {', '.join(missing)}", until
+    )

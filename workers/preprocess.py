@@ -32,8 +32,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import scipy.ndimage as ndi  # type: ignore[import-untyped]  # no scipy-stubs in dev deps yet
 
+from pacsnode.core.errors import PreprocessError
 from pacsnode.models.inputspec import PreprocessSpec
-from pacsnode.workers.errors import PreprocessError
 from pacsnode.workers.volume import Volume
 
 log = logging.getLogger(__name__)

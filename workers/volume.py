@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, iter_pixels
 
-from pacsnode.workers.errors import GeometryError, PixelDataError, PreprocessError
+from pacsnode.core.errors import GeometryError, PixelDataError, PreprocessError
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,7 @@ from pynetdicom import AE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import code_to_category
 
-from pacsnode.core.errors import PacsnodeError
-
-
-class SendError(PacsnodeError):
-    """No association: the peer is unreachable or rejected it."""
+from pacsnode.core.errors import SendError
 
 
 @dataclass
