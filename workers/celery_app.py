@@ -9,14 +9,22 @@ again.
 
 Queues: ``cpu`` (load, preprocess, encode, export) and ``gpu`` (model
 inference), so inference workers can run on GPU machines.
+
+A worker sends DICOM (exports), so its start-up installs the networking
+patches (:func:`install_networking_patches`, on Celery's ``worker_init`` and
+``worker_process_init``) and stops when pynetdicom is an untested release.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+import sys
+
+from celery import Celery, signals
 from kombu import Exchange, Queue
 
+from pacsnode.core.errors import ConfigError
 from pacsnode.core.settings import Settings
+from pacsnode.scp import patches
 
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
@@ -45,6 +53,20 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, object]]:
     }
 
 
+def install_networking_patches(**_: object) -> None:
+    """Celery signal receiver: :func:`scp.patches.install` in the worker
+    (``worker_init``, before the pool starts) and in each pool process
+    (``worker_process_init``; a no-op when forked from a patched parent).
+    Celery logs and ignores exceptions of signal receivers, so a refused
+    pynetdicom ends the worker here, with the reason on stderr (exit 2, as
+    the CLI's configuration errors)."""
+    try:
+        patches.install()
+    except ConfigError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def make_app(settings: Settings) -> Celery:
     broker, options = broker_options(settings)
     app = Celery("pacsnode", broker=broker, include=["pacsnode.workers.tasks"])
@@ -70,4 +92,7 @@ def make_app(settings: Settings) -> Celery:
         worker_send_task_events=False,
     )
     app.conf.pacsnode_settings = settings
+    # Connected once however many apps are made (Celery keys receivers by id).
+    signals.worker_init.connect(install_networking_patches, weak=False)
+    signals.worker_process_init.connect(install_networking_patches, weak=False)
     return app
