@@ -40,7 +40,7 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, object]]:
         # Unacknowledged messages go back to the queue after this long; a task
         # never runs longer (its hard time limit is shorter).
         return settings.broker_url, {"visibility_timeout": 3600}
-    folder = settings.data_dir / "broker"
+    folder = settings.layout.broker
     for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return "filesystem://localhost/", {

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi  # type: ignore[import-untyped]  # no scipy-stubs in dev deps yet
 
+from pacsnode.core.layout import atomic_write
 from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.workers.errors import PreprocessError
 from pacsnode.workers.volume import Volume
@@ -318,20 +317,6 @@ def _sha256(text: str) -> str:
 
 
 def _write_atomically(path: Path, array: np.ndarray) -> None:
-    write_atomically(path, lambda fh: np.save(fh, array, allow_pickle=False))
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` whole or not at all: ``write`` fills a temporary file
-    beside it, which is fsynced and renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """One cache entry, whole or not at all (``ValueError`` for an array
+    that needs pickle, which is refused)."""
+    atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
