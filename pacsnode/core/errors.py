@@ -262,3 +262,47 @@ class ScuError(PacsnodeError):
     transient = True
     dimse_status = DimseStatus.PROCESSING_FAILURE
     http_status = HTTPStatus.BAD_GATEWAY
+
+
+# PS3.8 Table 9-21 (A-ASSOCIATE-RJ PDU fields), in words.
+RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
+SOURCES = {
+    1: "DICOM UL service-user",
+    2: "DICOM UL service-provider (ACSE related function)",
+    3: "DICOM UL service-provider (presentation related function)",
+}
+
+
+class NoAssociation(ScuError):
+    """No association: unreachable, aborted during negotiation, or no answer.
+    ``connected`` tells whether the TCP (and TLS) connection was made."""
+
+    def __init__(self, message: str, *, peer: object, connected: bool) -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.connected = connected
+
+
+class AssociationRejected(ScuError):
+    """The peer answered A-ASSOCIATE-RJ. ``result`` (1 permanent, 2
+    transient), ``source`` (1 service-user, 2 ACSE, 3 presentation) and
+    ``reason`` (the Diagnostic) as in PS3.8 Table 9-21, with their words."""
+
+    def __init__(self, peer: object, result: int, source: int, reason: int, reason_text: str):
+        self.peer = peer
+        self.result, self.source, self.reason = result, source, reason
+        self.result_text = RESULTS.get(result, f"result {result}")
+        self.source_text = SOURCES.get(source, f"source {source}")
+        self.reason_text = reason_text
+        super().__init__(
+            f"association rejected by {peer} ({self.result_text}; source: "
+            f"{self.source_text}; reason: {reason_text})"
+        )
+
+    @property
+    def permanent(self) -> bool:
+        """The peer said the rejection is permanent (PS3.8 Table 9-21,
+        result 1): a configuration problem on one side, not a busy peer. The
+        class's disposition stays transient: exports keep their durable,
+        bounded backoff either way."""
+        return self.result == 1
