@@ -177,7 +177,7 @@ def test_the_http_handler_answers_the_declared_status(
 ) -> None:
     response = client.get(f"/raise/{cls.__name__}")
     assert response.status_code == cls.http_status
-    assert response.json() == {"detail": f"{cls.__name__} for 1.2.3.4"}
+    assert response.json() == {"detail": str(make(cls))}
 
 
 def test_other_exceptions_stay_a_bare_500(client: TestClient) -> None:
