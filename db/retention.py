@@ -38,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, delete, func, select, update
 
+from pacsnode.core.layout import DataLayout
 from pacsnode.core.states import (
     UNFINISHED_JOB_STATES,
     UNSENT_EXPORT_STATES,
@@ -187,12 +188,13 @@ def _remove_files(data_dir: Path, spool_dir: Path, files: _Files) -> None:
         path = spool_dir / relpath
         path.unlink(missing_ok=True)
         folders.update((path.parent, path.parent.parent))
-    results = data_dir / "results"
+    layout = DataLayout(data_dir)
+    results = layout.results
     for relpath in files.masks:
         path = results / relpath
         path.unlink(missing_ok=True)
         folders.update((path.parent, path.parent.parent))
-    cache = data_dir / "cache" / "preprocessed"
+    cache = layout.preprocessed
     for uid in files.series_uids:
         # The cache is keyed by series (pacsnode never writes other files there).
         if uid and "/" not in uid and uid not in (".", ".."):

@@ -15,22 +15,28 @@ The retry policy is here too: :func:`is_transient` is the one decision
 whether a failed task is worth running again, and :data:`RETRY_OPTIONS` are
 Celery's own ``max_retries``/``retry_backoff``/``retry_jitter`` every task
 declares; :func:`retry_later` asks Celery for the next attempt with them.
+
+A worker sends DICOM (exports), so its start-up installs the networking
+patches (:func:`install_networking_patches`, on Celery's ``worker_init`` and
+``worker_process_init``) and stops when pynetdicom is an untested release.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.exceptions import Retry
 from celery.utils.time import get_exponential_backoff_interval
 from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.errors import ConfigError, PacsnodeError
 from pacsnode.core.settings import Settings
 from pacsnode.core.taskdefs import RUN_JOB
+from pacsnode.scp import patches
 
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
@@ -43,7 +49,7 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, object]]:
         # Unacknowledged messages go back to the queue after this long; a task
         # never runs longer (its hard time limit is shorter).
         return settings.broker_url, {"visibility_timeout": 3600}
-    folder = settings.data_dir / "broker"
+    folder = settings.layout.broker
     for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return "filesystem://localhost/", {
@@ -54,6 +60,20 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, object]]:
         "store_processed": False,
         "polling_interval": EMBEDDED_POLL_S,
     }
+
+
+def install_networking_patches(**_: object) -> None:
+    """Celery signal receiver: :func:`scp.patches.install` in the worker
+    (``worker_init``, before the pool starts) and in each pool process
+    (``worker_process_init``; a no-op when forked from a patched parent).
+    Celery logs and ignores exceptions of signal receivers, so a refused
+    pynetdicom ends the worker here, with the reason on stderr (exit 2, as
+    the CLI's configuration errors)."""
+    try:
+        patches.install()
+    except ConfigError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def make_app(settings: Settings) -> Celery:
@@ -82,6 +102,9 @@ def make_app(settings: Settings) -> Celery:
         worker_send_task_events=False,
     )
     app.conf.pacsnode_settings = settings
+    # Connected once however many apps are made (Celery keys receivers by id).
+    signals.worker_init.connect(install_networking_patches, weak=False)
+    signals.worker_process_init.connect(install_networking_patches, weak=False)
     return app
 
 

@@ -23,6 +23,7 @@ import pydicom
 from sqlalchemy import Connection, Engine, select
 
 from pacsnode.core.errors import FusionError, PacsnodeError
+from pacsnode.core.layout import atomic_write
 from pacsnode.core.settings import Destination, Settings
 from pacsnode.core.states import FusionState
 from pacsnode.db.exports import destinations_for, enqueue_exports
@@ -43,7 +44,7 @@ from pacsnode.workers.fusion import (
 )
 from pacsnode.workers.infer import ModelResult, infer_series, load_for_inference
 from pacsnode.workers.outputs import OutputObject, store_outputs
-from pacsnode.workers.preprocess import PreprocessCache, write_atomically
+from pacsnode.workers.preprocess import PreprocessCache
 from pacsnode.workers.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def preprocess(ctx: JobContext, engine: Engine) -> None:
     the job with the reason), the models that apply to it chosen, and their
     inputs preprocessed (cached under ``<data_dir>/cache/preprocessed``, so
     models sharing a spec, and re-runs, share the work)."""
-    cache = PreprocessCache(ctx.settings.data_dir / "cache" / "preprocessed")
+    cache = PreprocessCache(ctx.settings.layout.preprocessed)
     models = registry(ctx)
     for series in ctx.series:
         volume = load_series(series.paths)
@@ -311,7 +312,7 @@ def _uids(chosen: Mapping[str, Candidate]) -> dict[str, str]:
 def _write_mask(path: Path, masks: dict[int, np.ndarray]) -> None:
     """Masks as one compressed .npz (key ``segment_<n>``), written atomically."""
     arrays: dict[str, Any] = {f"segment_{n}": m for n, m in masks.items()}
-    write_atomically(path, lambda fh: np.savez_compressed(fh, **arrays))
+    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 
 def persist(ctx: JobContext, engine: Engine) -> None:
@@ -325,7 +326,7 @@ def persist(ctx: JobContext, engine: Engine) -> None:
                 f"{ctx.study_instance_uid}/{result.series_instance_uid}/"
                 f"{result.model.name}-{result.model.version}.npz"
             )
-            _write_mask(ctx.settings.data_dir / "results" / relative, result.masks)
+            _write_mask(ctx.settings.layout.results / relative, result.masks)
             result.segments = [replace(s, mask_path=relative) for s in result.segments]
     with engine.begin() as conn:
         for result in ctx.results:

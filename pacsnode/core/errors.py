@@ -253,18 +253,11 @@ class EncodeError(PacsnodeError):
 # -- outgoing associations ---------------------------------------------------------------
 
 
-class EchoError(PacsnodeError):
-    """The peer did not answer the verification with Success (unreachable,
-    rejected the association, or answered another status): it may later."""
-
-    transient = True
-    dimse_status = DimseStatus.PROCESSING_FAILURE
-    http_status = HTTPStatus.BAD_GATEWAY
-
-
-class SendError(PacsnodeError):
-    """No association: the peer is unreachable or rejected it (the lab's
-    phantom sender). It may accept one later."""
+class ScuError(PacsnodeError):
+    """An outgoing DICOM operation failed: no association (unreachable,
+    rejected: :mod:`pacsnode.scp.scu` subclasses carry the A-ASSOCIATE-RJ
+    result, source and reason), or no Success for a C-ECHO. The message names
+    the peer. The peer may accept later."""
 
     transient = True
     dimse_status = DimseStatus.PROCESSING_FAILURE
