@@ -94,9 +94,8 @@ def demo_send(
     """Generate a synthetic phantom study and C-STORE it (testing and demonstration only)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pacsnode.core.errors import SendError
     from pacsnode.lab.phantom import generate_study, study_datasets
-    from pacsnode.lab.phantom.send import send_datasets
+    from pacsnode.lab.phantom.send import SendError, send_datasets
     from pacsnode.scp.echo import parse_target
 
     try:

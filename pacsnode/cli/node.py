@@ -52,9 +52,8 @@ def echo(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the peer")] = 10.0,
 ) -> None:
     """Send a C-ECHO (verification) from pacsnode's AE title to a peer."""
-    from pacsnode.core.errors import EchoError
+    from pacsnode.scp.echo import EchoError, parse_target
     from pacsnode.scp.echo import echo as send_echo
-    from pacsnode.scp.echo import parse_target
 
     settings = node_settings()
     try:
