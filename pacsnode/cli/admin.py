@@ -100,7 +100,8 @@ def jobs_retry(
 @jobs_app.command("reprocess")
 def jobs_reprocess(study: Annotated[str, typer.Argument(help="Study Instance UID")]) -> None:
     """Run the pipeline on a whole study again (a new job through the outbox)."""
-    from pacsnode.db.admin import NotFound, reprocess_study
+    from pacsnode.core.errors import NotFound
+    from pacsnode.db.admin import reprocess_study
 
     try:
         with node_engine(node_settings()).begin() as conn:
