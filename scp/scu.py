@@ -12,6 +12,9 @@ can act on:
 - :class:`NoAssociation` when the peer cannot be reached, aborted during
   negotiation or did not answer in time.
 
+Both derive from :class:`ScuError`; all three live in the one error
+hierarchy (:mod:`pacsnode.core.errors`) and are re-exported here.
+
 Used by the export SCU (:mod:`scp.export`), ``pacsnode echo``
 (:mod:`scp.echo`) and ``pacsnode demo send`` (``lab.phantom.send``).
 """
@@ -29,10 +32,22 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import build_context
 
-from pacsnode.core.errors import ScuError
+from pacsnode.core.errors import AssociationRejected, NoAssociation, ScuError
 from pacsnode.core.settings import Destination
 from pacsnode.core.tls import ClientTLS, client_context
 from pacsnode.scp import patches
+
+__all__ = [
+    "MAX_CONTEXTS",
+    "UNCOMPRESSED",
+    "AssociationRejected",
+    "Context",
+    "NoAssociation",
+    "Peer",
+    "ScuError",
+    "associate",
+    "contexts_for",
+]
 
 # PS3.8 §9.3.2.2: at most 128 presentation contexts (odd ids 1-255) per association.
 MAX_CONTEXTS = 128
@@ -40,14 +55,6 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 #: A requested presentation context: (abstract syntax, transfer syntaxes).
 Context = tuple[UID, tuple[UID, ...]]
-
-# PS3.8 Table 9-21 (A-ASSOCIATE-RJ PDU fields), in words.
-RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
-SOURCES = {
-    1: "DICOM UL service-user",
-    2: "DICOM UL service-provider (ACSE related function)",
-    3: "DICOM UL service-provider (presentation related function)",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,41 +72,6 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-class NoAssociation(ScuError):
-    """No association: unreachable, aborted during negotiation, or no answer.
-    ``connected`` tells whether the TCP (and TLS) connection was made."""
-
-    def __init__(self, message: str, *, peer: Peer, connected: bool) -> None:
-        super().__init__(message)
-        self.peer = peer
-        self.connected = connected
-
-
-class AssociationRejected(ScuError):
-    """The peer answered A-ASSOCIATE-RJ. ``result`` (1 permanent, 2
-    transient), ``source`` (1 service-user, 2 ACSE, 3 presentation) and
-    ``reason`` (the Diagnostic) as in PS3.8 Table 9-21, with their words."""
-
-    def __init__(self, peer: Peer, result: int, source: int, reason: int, reason_text: str):
-        self.peer = peer
-        self.result, self.source, self.reason = result, source, reason
-        self.result_text = RESULTS.get(result, f"result {result}")
-        self.source_text = SOURCES.get(source, f"source {source}")
-        self.reason_text = reason_text
-        super().__init__(
-            f"association rejected by {peer} ({self.result_text}; source: "
-            f"{self.source_text}; reason: {reason_text})"
-        )
-
-    @property
-    def permanent(self) -> bool:
-        """The peer said the rejection is permanent (PS3.8 Table 9-21,
-        result 1): a configuration problem on one side, not a busy peer. The
-        class's disposition stays transient: exports keep their durable,
-        bounded backoff either way."""
-        return self.result == 1
 
 
 def contexts_for(sent: Iterable[tuple[str, str]]) -> list[Context]:
@@ -121,9 +93,12 @@ def _refusal(assoc: Association, peer: Peer, connected: bool, timeout: float) ->
     if assoc.is_rejected:
         rj = cast(A_ASSOCIATE, assoc.acceptor.primitive)
         return AssociationRejected(
-            peer, int(rj.result or 0), int(rj.result_source or 0), int(rj.diagnostic or 0),
-            rj.reason_str,
-        )  # fmt: skip
+            peer=str(peer),
+            result=int(rj.result or 0),
+            source=int(rj.result_source or 0),
+            reason=int(rj.diagnostic or 0),
+            reason_text=rj.reason_str,
+        )
     tls = peer.tls is not None
     if not connected:
         message = (
@@ -136,7 +111,7 @@ def _refusal(assoc: Association, peer: Peer, connected: bool, timeout: float) ->
             message += " (TLS: is our client certificate accepted there?)"
     else:
         message = f"no association with {peer} (no answer within {timeout:g} s)"
-    return NoAssociation(message, peer=peer, connected=connected)
+    return NoAssociation(message, peer=str(peer), connected=connected)
 
 
 @contextmanager

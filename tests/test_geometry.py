@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from pacsnode.core.errors import GeometryError
 
+from pacsnode.core.errors import GeometryError
 from pacsnode.workers.geometry import CORONAL, Grid
 from pacsnode.workers.volume import Volume
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import highdicom as hd
 import numpy as np
+
 from pacsnode.core.errors import GeometryError
 
 Box = tuple[slice, slice, slice]
