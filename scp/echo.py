@@ -8,6 +8,7 @@ import time
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from pacsnode.core.errors import ScuError
 from pacsnode.scp import scu
 
 _TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
@@ -35,5 +36,5 @@ def echo(calling_ae: str, called_ae: str, host: str, port: int, timeout: float =
         status = assoc.send_c_echo()
     if not status or status.Status != 0x0000:
         code = f"0x{status.Status:04X}" if status else "no response"
-        raise scu.ScuError(f"C-ECHO {peer} failed: {code}")
+        raise ScuError(f"C-ECHO {peer} failed: {code}")
     return time.perf_counter() - start

@@ -12,9 +12,6 @@ can act on:
 - :class:`NoAssociation` when the peer cannot be reached, aborted during
   negotiation or did not answer in time.
 
-Both derive from :class:`ScuError`; all three live in the one error
-hierarchy (:mod:`pacsnode.core.errors`) and are re-exported here.
-
 Used by the export SCU (:mod:`scp.export`), ``pacsnode echo``
 (:mod:`scp.echo`) and ``pacsnode demo send`` (``lab.phantom.send``).
 """
@@ -36,18 +33,6 @@ from pacsnode.core.errors import AssociationRejected, NoAssociation, ScuError
 from pacsnode.core.settings import Destination
 from pacsnode.core.tls import ClientTLS, client_context
 from pacsnode.scp import patches
-
-__all__ = [
-    "MAX_CONTEXTS",
-    "UNCOMPRESSED",
-    "AssociationRejected",
-    "Context",
-    "NoAssociation",
-    "Peer",
-    "ScuError",
-    "associate",
-    "contexts_for",
-]
 
 # PS3.8 §9.3.2.2: at most 128 presentation contexts (odd ids 1-255) per association.
 MAX_CONTEXTS = 128
@@ -93,12 +78,9 @@ def _refusal(assoc: Association, peer: Peer, connected: bool, timeout: float) ->
     if assoc.is_rejected:
         rj = cast(A_ASSOCIATE, assoc.acceptor.primitive)
         return AssociationRejected(
-            peer=str(peer),
-            result=int(rj.result or 0),
-            source=int(rj.result_source or 0),
-            reason=int(rj.diagnostic or 0),
-            reason_text=rj.reason_str,
-        )
+            peer, int(rj.result or 0), int(rj.result_source or 0), int(rj.diagnostic or 0),
+            rj.reason_str,
+        )  # fmt: skip
     tls = peer.tls is not None
     if not connected:
         message = (
@@ -111,7 +93,7 @@ def _refusal(assoc: Association, peer: Peer, connected: bool, timeout: float) ->
             message += " (TLS: is our client certificate accepted there?)"
     else:
         message = f"no association with {peer} (no answer within {timeout:g} s)"
-    return NoAssociation(message, peer=str(peer), connected=connected)
+    return NoAssociation(message, peer=peer, connected=connected)
 
 
 @contextmanager

@@ -37,7 +37,20 @@ def all_errors() -> list[type[PacsnodeError]]:
 ERRORS = all_errors()
 
 
+# Errors whose constructors take more than a message.
+SAMPLES = {
+    errors.AssociationRejected: lambda: errors.AssociationRejected(
+        "PACS@127.0.0.1:104", 1, 1, 3, "calling AE title not recognized"
+    ),
+    errors.NoAssociation: lambda: errors.NoAssociation(
+        "no answer from PACS@127.0.0.1:104", peer="PACS@127.0.0.1:104", connected=False
+    ),
+}
+
+
 def make(cls: type[PacsnodeError]) -> PacsnodeError:
+    if cls in SAMPLES:
+        return SAMPLES[cls]()
     return cls(f"{cls.__name__} for 1.2.3.4")
 
 
@@ -164,7 +177,7 @@ def test_the_http_handler_answers_the_declared_status(
 ) -> None:
     response = client.get(f"/raise/{cls.__name__}")
     assert response.status_code == cls.http_status
-    assert response.json() == {"detail": f"{cls.__name__} for 1.2.3.4"}
+    assert response.json() == {"detail": str(make(cls))}
 
 
 def test_other_exceptions_stay_a_bare_500(client: TestClient) -> None:

@@ -254,61 +254,49 @@ class EncodeError(PacsnodeError):
 
 
 class ScuError(PacsnodeError):
-    """An outgoing DICOM operation failed (:mod:`pacsnode.scp.scu`): no
-    association (the subclasses below), or no Success for a C-ECHO. The
-    message names the peer. The peer may accept later."""
+    """An outgoing DICOM operation failed: no association (unreachable,
+    rejected: :mod:`pacsnode.scp.scu` subclasses carry the A-ASSOCIATE-RJ
+    result, source and reason), or no Success for a C-ECHO. The message names
+    the peer. The peer may accept later."""
 
     transient = True
     dimse_status = DimseStatus.PROCESSING_FAILURE
     http_status = HTTPStatus.BAD_GATEWAY
 
 
-class NoAssociation(ScuError):
-    """No association: unreachable, aborted during negotiation, or no answer
-    in time. ``peer`` is ``AE@host:port``; ``connected`` tells whether the TCP
-    (and TLS) connection was made."""
-
-    def __init__(self, message: str, *, peer: str = "", connected: bool = False) -> None:
-        super().__init__(message)
-        self.peer = peer
-        self.connected = connected
-
-
 # PS3.8 Table 9-21 (A-ASSOCIATE-RJ PDU fields), in words.
-REJECT_RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
-REJECT_SOURCES = {
+RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
+SOURCES = {
     1: "DICOM UL service-user",
     2: "DICOM UL service-provider (ACSE related function)",
     3: "DICOM UL service-provider (presentation related function)",
 }
 
 
+class NoAssociation(ScuError):
+    """No association: unreachable, aborted during negotiation, or no answer.
+    ``connected`` tells whether the TCP (and TLS) connection was made."""
+
+    def __init__(self, message: str, *, peer: object, connected: bool) -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.connected = connected
+
+
 class AssociationRejected(ScuError):
     """The peer answered A-ASSOCIATE-RJ. ``result`` (1 permanent, 2
     transient), ``source`` (1 service-user, 2 ACSE, 3 presentation) and
-    ``reason`` (the Diagnostic) as in PS3.8 Table 9-21, with their words in
-    ``result_text``, ``source_text`` and ``reason_text``; ``peer`` is
-    ``AE@host:port``. Without ``message`` the message says all of that."""
+    ``reason`` (the Diagnostic) as in PS3.8 Table 9-21, with their words."""
 
-    def __init__(
-        self,
-        message: str = "",
-        *,
-        peer: str = "",
-        result: int = 0,
-        source: int = 0,
-        reason: int = 0,
-        reason_text: str = "",
-    ) -> None:
+    def __init__(self, peer: object, result: int, source: int, reason: int, reason_text: str):
         self.peer = peer
         self.result, self.source, self.reason = result, source, reason
-        self.result_text = REJECT_RESULTS.get(result, f"result {result}")
-        self.source_text = REJECT_SOURCES.get(source, f"source {source}")
-        self.reason_text = reason_text or f"reason {reason}"
+        self.result_text = RESULTS.get(result, f"result {result}")
+        self.source_text = SOURCES.get(source, f"source {source}")
+        self.reason_text = reason_text
         super().__init__(
-            message
-            or f"association rejected by {peer} ({self.result_text}; source: "
-            f"{self.source_text}; reason: {self.reason_text})"
+            f"association rejected by {peer} ({self.result_text}; source: "
+            f"{self.source_text}; reason: {reason_text})"
         )
 
     @property
