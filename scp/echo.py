@@ -8,13 +8,10 @@ import time
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from pacsnode.core.errors import ScuError
 from pacsnode.scp import scu
 
 _TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
-
-#: No association (:class:`scu.AssociationRejected`, :class:`scu.NoAssociation`)
-#: or no Success for the C-ECHO: the SCU helper's error class.
-EchoError = scu.ScuError
 
 
 def parse_target(target: str) -> tuple[str, str, int]:
@@ -28,9 +25,10 @@ def parse_target(target: str) -> tuple[str, str, int]:
 def echo(calling_ae: str, called_ae: str, host: str, port: int, timeout: float = 10.0) -> float:
     """Send one C-ECHO (PS3.7 9.1.5); return the round-trip time in seconds.
 
-    Raises :class:`EchoError`: :class:`scu.AssociationRejected` (with the
-    A-ASSOCIATE-RJ result, source and reason), :class:`scu.NoAssociation`,
-    or the base class for a C-ECHO without Success."""
+    Raises :class:`~pacsnode.core.errors.ScuError`: its subclasses
+    ``AssociationRejected`` (with the A-ASSOCIATE-RJ result, source and
+    reason) and ``NoAssociation``, or the class itself for a C-ECHO without
+    Success."""
     peer = scu.Peer(called_ae, host, port)
     start = time.perf_counter()
     contexts = [(Verification, DEFAULT_TRANSFER_SYNTAXES)]
@@ -38,5 +36,5 @@ def echo(calling_ae: str, called_ae: str, host: str, port: int, timeout: float =
         status = assoc.send_c_echo()
     if not status or status.Status != 0x0000:
         code = f"0x{status.Status:04X}" if status else "no response"
-        raise EchoError(f"C-ECHO {peer} failed: {code}")
+        raise ScuError(f"C-ECHO {peer} failed: {code}")
     return time.perf_counter() - start

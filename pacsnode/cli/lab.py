@@ -94,8 +94,9 @@ def demo_send(
     """Generate a synthetic phantom study and C-STORE it (testing and demonstration only)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from pacsnode.core.errors import ScuError
     from pacsnode.lab.phantom import generate_study, study_datasets
-    from pacsnode.lab.phantom.send import SendError, send_datasets
+    from pacsnode.lab.phantom.send import send_datasets
     from pacsnode.scp.echo import parse_target
 
     try:
@@ -113,7 +114,7 @@ def demo_send(
                 study_datasets(study), study.sop_classes(), ae_title, host, port, calling_ae,
                 progress=lambda n: progress.advance(task, n), timeout=timeout,
             )  # fmt: skip
-        except SendError as exc:
+        except ScuError as exc:
             err.print(f"[red]C-STORE {target}: {exc}[/red]", highlight=False)
             raise typer.Exit(1) from None
     out.print(

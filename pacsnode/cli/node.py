@@ -52,14 +52,15 @@ def echo(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the peer")] = 10.0,
 ) -> None:
     """Send a C-ECHO (verification) from pacsnode's AE title to a peer."""
-    from pacsnode.scp.echo import EchoError, parse_target
+    from pacsnode.core.errors import ScuError
     from pacsnode.scp.echo import echo as send_echo
+    from pacsnode.scp.echo import parse_target
 
     settings = node_settings()
     try:
         ae_title, host, port = parse_target(target)
         elapsed = send_echo(settings.ae_title, ae_title, host, port, timeout)
-    except (EchoError, ValueError) as exc:
+    except (ScuError, ValueError) as exc:
         err.print(f"[red]C-ECHO {target}: {exc}[/red]", highlight=False)
         raise typer.Exit(1) from None
     out.print(f"C-ECHO {target}: success ({elapsed * 1000:.0f} ms)", highlight=False)

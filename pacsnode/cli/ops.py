@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, cast
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -143,24 +143,18 @@ def _check_dicom(settings: Settings, timeout: float) -> None:
     node's AE title is rarely a configured peer) shows that an SCP process
     read the request and ran its policy: the node is serving, not just
     holding a listening socket."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    from pacsnode.core.errors import AssociationRejected, NoAssociation, ScuError
+    from pacsnode.scp.echo import echo
 
     host = settings.dicom_host if settings.dicom_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    ae = AE(ae_title=settings.ae_title)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(host, settings.dicom_port, ae_title=settings.ae_title)
-    if assoc.is_rejected:
-        return
-    if not assoc.is_established:
-        raise ConnectionError(f"no answer from {host}:{settings.dicom_port}")
     try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    if not status or cast(int, status.Status) != 0x0000:
-        raise ConnectionError("C-ECHO failed")
+        echo(settings.ae_title, settings.ae_title, host, settings.dicom_port, timeout)
+    except AssociationRejected:
+        return
+    except NoAssociation:
+        raise ConnectionError(f"no answer from {host}:{settings.dicom_port}") from None
+    except ScuError:
+        raise ConnectionError("C-ECHO failed") from None
 
 
 def register(app: typer.Typer) -> None:

@@ -15,10 +15,6 @@ from pynetdicom.status import code_to_category
 
 from pacsnode.scp import scu
 
-#: No association: :class:`scu.AssociationRejected` (with the A-ASSOCIATE-RJ
-#: result, source and reason) or :class:`scu.NoAssociation`.
-SendError = scu.ScuError
-
 
 @dataclass
 class SendResult:
@@ -45,7 +41,9 @@ def send_datasets(
 
     ``sop_classes`` are proposed up front (one presentation context each);
     ``datasets`` may be a generator, so a large study need not be in memory at once.
-    Raises :class:`SendError` when there is no association.
+    Raises :class:`~pacsnode.core.errors.ScuError` when there is no
+    association (``AssociationRejected`` with the A-ASSOCIATE-RJ result,
+    source and reason, or ``NoAssociation``).
     """
     peer = scu.Peer(called_ae, host, port)
     contexts = [(sop_class, scu.UNCOMPRESSED) for sop_class in sop_classes]
