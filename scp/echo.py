@@ -11,6 +11,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacsnode.core.errors import PacsnodeError
+from pacsnode.scp.status import explain_reject
 
 _TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
 
@@ -37,11 +38,13 @@ def echo(calling_ae: str, called_ae: str, host: str, port: int, timeout: float =
     if assoc.is_rejected:
         rj = cast(A_ASSOCIATE, assoc.acceptor.primitive)
         raise EchoError(
-            f"association rejected (result {rj.result}, source {rj.result_source}, "
-            f"reason {rj.diagnostic})"
+            explain_reject(rj.result, rj.result_source, rj.diagnostic, calling_ae, called_ae)
         )
     if not assoc.is_established:
-        raise EchoError("no association (peer unreachable, aborted or timed out)")
+        raise EchoError(
+            f"no association with {called_ae}@{host}:{port} "
+            "(nothing listens there, or the peer aborted or timed out)"
+        )
     try:
         status = assoc.send_c_echo()
     finally:

@@ -50,6 +50,9 @@ def worker(
 def echo(
     target: Annotated[str, typer.Argument(help="AE@HOST:PORT of the peer to verify")],
     timeout: Annotated[float, typer.Option(help="seconds to wait for the peer")] = 10.0,
+    calling_ae: Annotated[
+        str | None, typer.Option(help="our AE title (default: the node's ae_title)")
+    ] = None,
 ) -> None:
     """Send a C-ECHO (verification) from pacsnode's AE title to a peer."""
     from pacsnode.scp.echo import EchoError, parse_target
@@ -58,7 +61,7 @@ def echo(
     settings = node_settings()
     try:
         ae_title, host, port = parse_target(target)
-        elapsed = send_echo(settings.ae_title, ae_title, host, port, timeout)
+        elapsed = send_echo(calling_ae or settings.ae_title, ae_title, host, port, timeout)
     except (EchoError, ValueError) as exc:
         err.print(f"[red]C-ECHO {target}: {exc}[/red]", highlight=False)
         raise typer.Exit(1) from None

@@ -18,6 +18,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import code_to_category
 
 from pacsnode.core.errors import PacsnodeError
+from pacsnode.scp.status import explain_reject
 
 
 class SendError(PacsnodeError):
@@ -58,11 +59,13 @@ def send_datasets(
     if assoc.is_rejected:
         rj = cast(A_ASSOCIATE, assoc.acceptor.primitive)
         raise SendError(
-            f"association rejected (result {rj.result}, source {rj.result_source}, "
-            f"reason {rj.diagnostic})"
+            explain_reject(rj.result, rj.result_source, rj.diagnostic, calling_ae, called_ae)
         )
     if not assoc.is_established:
-        raise SendError("no association (peer unreachable, aborted or timed out)")
+        raise SendError(
+            f"no association with {called_ae}@{host}:{port} "
+            "(nothing listens there, or the peer aborted or timed out)"
+        )
     result = SendResult()
     try:
         for ds in datasets:
