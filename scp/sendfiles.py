@@ -3,9 +3,9 @@
 Files and folders (recursively) are read as they are stored: every storage
 SOP class, in the transfer syntax of the file (compressed pixel data is sent
 compressed, never transcoded). The presentation contexts are derived from
-the files (PS3.8 §9.3.2.2): one per SOP class and transfer syntax, except
-that the two uncompressed little-endian syntaxes share one context per SOP
-class (pynetdicom converts between them). An association holds at most 128
+the files (PS3.8 §9.3.2.2): one per SOP class and transfer syntax, each
+offering only the file's own syntax, so the acceptor cannot choose another
+(PS3.8 §9.3.3.2). An association holds at most 128
 presentation contexts (PS3.8 §9.3.2.2: odd context IDs 1-255), so a folder
 with more pairs is sent over one association per group of 128; usually
 there is one.
@@ -29,7 +29,7 @@ from typing import cast
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import AE, build_context
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
@@ -40,7 +40,6 @@ from pacsnode.core.errors import PacsnodeError
 from pacsnode.scp.status import explain_reject
 
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
-_NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 class SendFilesError(PacsnodeError):
@@ -58,9 +57,8 @@ class Instance:
 
     @property
     def context_key(self) -> tuple[str, str]:
-        """The presentation context this file needs (SOP class, syntax group)."""
-        native = self.transfer_syntax_uid in _NATIVE
-        return self.sop_class_uid, "native" if native else self.transfer_syntax_uid
+        """The presentation context this file needs (SOP class, transfer syntax)."""
+        return self.sop_class_uid, self.transfer_syntax_uid
 
 
 @dataclass
@@ -123,10 +121,7 @@ def context_groups(instances: list[Instance]) -> list[list[tuple[str, str]]]:
 
 
 def _contexts(keys: list[tuple[str, str]]) -> list[PresentationContext]:
-    return [
-        build_context(sop_class, list(_NATIVE) if syntax == "native" else [syntax])
-        for sop_class, syntax in keys
-    ]
+    return [build_context(sop_class, [syntax]) for sop_class, syntax in keys]
 
 
 def _status_words(code: int) -> str:
@@ -209,10 +204,7 @@ def _store_each(
 
     link = cast(Association, assoc)
     for instance in batch:
-        syntaxes = (
-            _NATIVE if instance.context_key[1] == "native" else (instance.transfer_syntax_uid,)
-        )
-        if not any((instance.sop_class_uid, s) in accepted for s in syntaxes):
+        if instance.context_key not in accepted:
             yield (
                 instance,
                 "Failure",
