@@ -181,7 +181,9 @@ def _send_batch(
             "(nothing listens there, or the peer aborted or timed out)"
         )
     report.associations += 1
-    accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+    accepted = {
+        (str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts
+    }
     try:
         for instance, category, words in _store_each(assoc, batch, accepted):
             if category in ("Success", "Warning"):

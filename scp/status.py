@@ -75,12 +75,15 @@ _REJECT_REASONS: dict[tuple[int, int], str] = {
 }
 
 
-def explain_reject(result: int, source: int, reason: int, calling_ae: str, called_ae: str) -> str:
+def explain_reject(
+    result: int | None, source: int | None, reason: int | None, calling_ae: str, called_ae: str
+) -> str:
     """An A-ASSOCIATE-RJ (PS3.8 §9.3.4) in words, with what the requestor
     can do about it. ``calling_ae`` is our AE title, ``called_ae`` the one
     we asked for. Used by every SCU in pacsnode (echo, send, demo send), so
     the hint is the same wherever a refusal is met; an unknown code is
-    shown as its number."""
+    shown as its number (a missing one as 0)."""
+    result, source, reason = result or 0, source or 0, reason or 0
     words = _REJECT_REASONS.get((source, reason), f"reason {reason}")
     kind = "permanently" if result == 1 else "for now" if result == 2 else f"(result {result})"
     by = _REJECT_SOURCES.get(source, f"source {source}")

@@ -226,6 +226,7 @@ def test_refusals_are_explained(first_run: Node) -> None:
     assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE", bind_address=("127.0.0.2", 0))
     assert assoc.is_rejected
     rj = assoc.acceptor.primitive
+    assert rj is not None
     hint = explain_reject(rj.result, rj.result_source, rj.diagnostic, "PACSNODE_DEMO", "PACSNODE")
     assert "with this machine's address in `hosts`" in hint
     wait_for(
