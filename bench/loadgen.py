@@ -16,13 +16,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from pacsnode.lab.phantom import SeriesSpec, ct_series_datasets
-from pacsnode.scp import reactor
+from pacsnode.scp import patches
 from tests.support import child_pids
-
-# The senders are pynetdicom SCUs too: without the node's reactor checkpoint,
-# about one C-STORE in a few thousand loses its response to the association's
-# own reactor and waits for the DIMSE timeout (scp/reactor.py).
-reactor.install()
 
 
 @dataclass
@@ -65,6 +60,10 @@ def make_series(
 def send_concurrently(
     port: int, series: list[list[pydicom.Dataset]], calling_ae: str = "STORESCU"
 ) -> LoadResult:
+    # The senders are pynetdicom SCUs too: without the node's reactor
+    # checkpoint, about one C-STORE in a few thousand loses its response to
+    # the association's own reactor and waits for the DIMSE timeout.
+    patches.install()
     result = LoadResult()
     lock = threading.Lock()
     errors: list[str] = []

@@ -3,9 +3,10 @@ and the dashboard (studies and series: :mod:`db.queries`).
 
 Filters are bound parameters only. Operator actions (retry a job, reprocess
 a study, retry exports) go through the outbox: they put ``job`` or
-``export`` rows back to ``pending`` (or write a new pending job), and the
-dispatcher publishes them as it does every other job; nothing here talks to
-the broker.
+``export`` rows back to ``pending`` (or write a new pending job) through the
+modules that own those lifecycles (:mod:`pacsnode.db.jobs`,
+:mod:`pacsnode.db.exports`), and the dispatcher publishes them as it does
+every other job; nothing here talks to the broker.
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, func, insert, select
+from sqlalchemy import ColumnElement, Connection, func, select
 
+from pacsnode.core.errors import NotFound
+from pacsnode.core.states import JobKind, JobState
+from pacsnode.db import jobs
 from pacsnode.db.exports import ExportRow, list_exports
 from pacsnode.db.models import Assembly, Export, Finding, Job, Segment, Series, Study
 from pacsnode.db.queries import Page, Row, orm
-from pacsnode.workers import jobstate
 
-JOB_STATES = ("pending", "queued", "running", "succeeded", "failed")
-
-
-class NotFound(LookupError):
-    """The study, job or export named does not exist."""
+JOB_STATES = tuple(s.value for s in JobState)
 
 
 # --- jobs ---------------------------------------------------------------------
@@ -107,7 +106,7 @@ def list_jobs(
 def retry_jobs(conn: Connection, ids: Sequence[int] | None = None) -> list[int]:
     """Failed jobs (all, or those in ``ids``) back to pending; the
     dispatcher publishes them again. Returns the ids re-queued."""
-    return jobstate.requeue_failed(conn, ids)
+    return jobs.requeue_failed(conn, ids)
 
 
 def reprocess_study(conn: Connection, study_instance_uid: str, now: datetime | None = None) -> int:
@@ -130,24 +129,16 @@ def reprocess_study(conn: Connection, study_instance_uid: str, now: datetime | N
         .join(Series.instances)
         .where(Series.study_pk == study)
     ).scalar_one()
-    job_id = conn.execute(
-        insert(Job)
-        .values(
-            assembly_pk=assembly,
-            study_pk=study,
-            series_pk=None,
-            pipeline="default",
-            kind="rerun",
-            state="pending",
-            attempts=0,
-            trigger_reason="admin reprocess",
-            instances=int(instances),
-            created_at=now or datetime.now(UTC),
-            error="",
-        )
-        .returning(Job.id)
-    ).scalar_one()
-    return int(job_id)
+    return jobs.create_job(
+        conn,
+        assembly_pk=assembly,
+        study_pk=study,
+        series_pk=None,
+        kind=JobKind.RERUN,
+        trigger_reason="admin reprocess",
+        instances=int(instances),
+        now=now or datetime.now(UTC),
+    )
 
 
 # --- results --------------------------------------------------------------------

@@ -4,7 +4,8 @@ The storage SCP records arrivals (:func:`note_arrivals`, in the transaction
 that indexes the instances) and the end of each association
 (:func:`close_associations`). The assembler reads the groups still assembling
 (:func:`assembling`) and, when one is complete, marks it triggered and writes
-its job row in one transaction (:func:`trigger`): the outbox of docs/architecture.md
+its job row (:func:`pacsnode.db.jobs.create_job`) in one transaction
+(:func:`trigger`): the outbox of docs/architecture.md §3.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from typing import Any
 from sqlalchemy import Connection, Table, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from pacsnode.db.models import Assembly, Instance, Job, Series
+from pacsnode.core.states import AssemblyState, JobKind
+from pacsnode.db.jobs import DEFAULT_PIPELINE, create_job
+from pacsnode.db.models import Assembly, Instance, Series
 
 _ASSEMBLY: Table = Assembly.__table__  # type: ignore[assignment]
-_JOB: Table = Job.__table__  # type: ignore[assignment]
-
-DEFAULT_PIPELINE = "default"
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ def note_arrivals(conn: Connection, arrivals: Iterable[Arrival]) -> None:
             study_pk=a.study_pk,
             series_pk=a.series_pk,
             calling_ae_title=a.calling_ae_title,
-            state="assembling",
-            next_kind="initial",
+            state=AssemblyState.ASSEMBLING,
+            next_kind=JobKind.INITIAL,
             first_received_at=a.received_at,
             last_received_at=a.received_at,
             sending=a.opens,
@@ -65,15 +65,15 @@ def note_arrivals(conn: Connection, arrivals: Iterable[Arrival]) -> None:
             triggered_at=None,
             trigger_reason="",
         )
-        again = t.state == "triggered"
+        again = t.state == AssemblyState.TRIGGERED
         stmt = stmt.on_conflict_do_update(
             index_elements=["key_uid"],
             set_={
-                "state": "assembling",
+                "state": AssemblyState.ASSEMBLING,
                 "last_received_at": stmt.excluded.last_received_at,
                 "sending": t.sending + stmt.excluded.sending,
                 "calling_ae_title": stmt.excluded.calling_ae_title,
-                "next_kind": case((again, "update"), else_=t.next_kind),
+                "next_kind": case((again, JobKind.UPDATE.value), else_=t.next_kind),
                 "first_received_at": case(
                     (again, stmt.excluded.first_received_at), else_=t.first_received_at
                 ),
@@ -106,7 +106,9 @@ def reset_sending(conn: Connection) -> int:
 
 def assembling(conn: Connection) -> Sequence[Any]:
     """The groups still waiting to be complete."""
-    return conn.execute(select(_ASSEMBLY).where(_ASSEMBLY.c.state == "assembling")).all()
+    return conn.execute(
+        select(_ASSEMBLY).where(_ASSEMBLY.c.state == AssemblyState.ASSEMBLING)
+    ).all()
 
 
 def trigger(
@@ -122,10 +124,10 @@ def trigger(
         update(_ASSEMBLY)
         .where(
             t.id == row.id,
-            t.state == "assembling",
+            t.state == AssemblyState.ASSEMBLING,
             t.last_received_at == row.last_received_at,
         )
-        .values(state="triggered", triggered_at=now, trigger_reason=reason)
+        .values(state=AssemblyState.TRIGGERED, triggered_at=now, trigger_reason=reason)
     )
     if marked.rowcount != 1:
         return None
@@ -135,21 +137,14 @@ def trigger(
     else:
         count = count.where(Series.study_pk == row.study_pk)
     instances = int(conn.execute(count).scalar_one())
-    job_id = conn.execute(
-        _JOB.insert()
-        .values(
-            assembly_pk=row.id,
-            study_pk=row.study_pk,
-            series_pk=row.series_pk,
-            pipeline=pipeline,
-            kind=row.next_kind,
-            state="pending",
-            attempts=0,
-            trigger_reason=reason,
-            instances=instances,
-            created_at=now,
-            error="",
-        )
-        .returning(_JOB.c.id)
-    ).scalar_one()
-    return int(job_id)
+    return create_job(
+        conn,
+        assembly_pk=row.id,
+        study_pk=row.study_pk,
+        series_pk=row.series_pk,
+        kind=JobKind(row.next_kind),
+        trigger_reason=reason,
+        instances=instances,
+        now=now,
+        pipeline=pipeline,
+    )

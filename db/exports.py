@@ -38,18 +38,21 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from pacsnode.core.errors import InvalidRequest
 from pacsnode.core.settings import SENDER, Destination, ExportPolicy, Settings
+from pacsnode.core.states import DUE_EXPORT_STATES, RETRYABLE_EXPORT_STATES, ExportState
+from pacsnode.core.taskdefs import EXPORT_LEASE_S
 from pacsnode.db import audit
 from pacsnode.db.models import Export, Instance
 
 log = logging.getLogger(__name__)
 
-STATES = ("pending", "sending", "retrying", "sent", "failed")
-DUE_STATES = ("pending", "retrying")
-RETRYABLE_STATES = ("failed", "retrying")
+# The states as the API and CLI accept them.
+STATES = tuple(s.value for s in ExportState)
+RETRYABLE_STATES = tuple(s.value for s in RETRYABLE_EXPORT_STATES)
 # A claim older than this lost its worker: the export_due task's hard time
-# limit (workers.tasks.EXPORT_TIME_LIMIT_S) plus a minute.
-LEASE_S = 660.0
+# limit plus a minute (pacsnode.core.taskdefs).
+LEASE_S = EXPORT_LEASE_S
 ERROR_MAX = 256
 
 
@@ -136,7 +139,7 @@ def enqueue_exports(
                     ae_title=dest.ae_title,
                     host=dest.host,
                     port=dest.port,
-                    state="pending",
+                    state=ExportState.PENDING,
                     attempts=0,
                     created_at=now,
                     next_attempt_at=now,
@@ -158,8 +161,11 @@ def enqueue_exports(
 def _due(now: datetime, lease_s: float) -> ColumnElement[bool]:
     """Due: waiting and its time has come, or claimed by a worker that lost it."""
     return or_(
-        and_(Export.state.in_(DUE_STATES), Export.next_attempt_at <= now),
-        and_(Export.state == "sending", Export.claimed_at < now - timedelta(seconds=lease_s)),
+        and_(Export.state.in_(DUE_EXPORT_STATES), Export.next_attempt_at <= now),
+        and_(
+            Export.state == ExportState.SENDING,
+            Export.claimed_at < now - timedelta(seconds=lease_s),
+        ),
     )
 
 
@@ -227,7 +233,7 @@ def claim_due(
             conn.execute(
                 update(Export)
                 .where(Export.id.in_(ids), due)
-                .values(state="sending", claimed_at=now, attempts=Export.attempts + 1)
+                .values(state=ExportState.SENDING, claimed_at=now, attempts=Export.attempts + 1)
                 .returning(Export.id)
             ).scalars()
         )
@@ -256,7 +262,11 @@ def _claimed_items(conn: Connection, ids: Sequence[int]) -> list[ClaimedExport]:
 
 
 def _claimed(export_id: int, claimed_at: datetime) -> tuple[ColumnElement[bool], ...]:
-    return Export.id == export_id, Export.state == "sending", Export.claimed_at == claimed_at
+    return (
+        Export.id == export_id,
+        Export.state == ExportState.SENDING,
+        Export.claimed_at == claimed_at,
+    )
 
 
 def mark_sent(
@@ -272,12 +282,18 @@ def mark_sent(
     row = conn.execute(
         update(Export)
         .where(*_claimed(export_id, claimed_at))
-        .values(state="sent", sent_at=now, next_attempt_at=None, last_status=status, last_error="")
+        .values(
+            state=ExportState.SENT,
+            sent_at=now,
+            next_attempt_at=None,
+            last_status=status,
+            last_error="",
+        )
         .returning(Export.destination, Export.ae_title, Export.host, Export.port, Export.attempts)
     ).first()
     if row is None:
         return False
-    _audit(conn, export_id, row, now, "sent", status, "")
+    _audit(conn, export_id, row, now, ExportState.SENT, status, "")
     return True
 
 
@@ -354,10 +370,10 @@ def mark_failed(
     attempts, deadline = int(row[0]), utc(row[1])
     values: dict[str, Any] = {"last_error": reason[:ERROR_MAX], "last_status": status}
     if now >= deadline:
-        values.update(state="failed", next_attempt_at=None)
+        values.update(state=ExportState.FAILED, next_attempt_at=None)
     else:
         delay = timedelta(seconds=backoff_s(policy, attempts, draw))
-        values.update(state="retrying", next_attempt_at=min(now + delay, deadline))
+        values.update(state=ExportState.RETRYING, next_attempt_at=min(now + delay, deadline))
     result = conn.execute(update(Export).where(*_claimed(export_id, claimed_at)).values(**values))
     if not result.rowcount:
         return None
@@ -375,7 +391,7 @@ def retry_exports(
     now: datetime,
     deadline: datetime,
     ids: Sequence[int] | None = None,
-    state: str = "failed",
+    state: str = ExportState.FAILED,
     destination: str | None = None,
     refresh: Mapping[str, Destination] | None = None,
 ) -> int:
@@ -385,14 +401,14 @@ def retry_exports(
     ``refresh`` (:func:`known_destinations`) a row takes its destination's
     current AE title, host and port, so a corrected configuration applies."""
     if state not in RETRYABLE_STATES:
-        raise ValueError(f"only {' or '.join(RETRYABLE_STATES)} exports can be retried")
+        raise InvalidRequest(f"only {' or '.join(RETRYABLE_STATES)} exports can be retried")
     where: list[ColumnElement[bool]] = [Export.state == state]
     if ids is not None:
         where.append(Export.id.in_(list(ids)))
     if destination is not None:
         where.append(Export.destination == destination)
     values: dict[str, Any] = {
-        "state": "pending",
+        "state": ExportState.PENDING,
         "attempts": 0,
         "next_attempt_at": now,
         "deadline_at": deadline,

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from pacsnode.core.states import FusionState
 from pacsnode.db.models import FusionOutcome, Study
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,10 @@ log = logging.getLogger(__name__)
 _OUTCOME: Table = FusionOutcome.__table__  # type: ignore[assignment]
 _DETAIL_MAX = 1024
 
-STATES = ("waiting", "incomplete", "fused", "failed")
-
 
 @dataclass(frozen=True)
 class Outcome:
-    state: str
+    state: FusionState
     missing_roles: Sequence[str] = ()
     series: Mapping[str, str] | None = None  # role -> SeriesInstanceUID
     detail: str = ""
@@ -47,11 +46,9 @@ def record(
     now: datetime | None = None,
 ) -> None:
     """Insert or replace the outcome of this model version on this study."""
-    if outcome.state not in STATES:
-        raise ValueError(f"unknown fusion outcome {outcome.state!r}")
     values = {
         "job_pk": job_id,
-        "state": outcome.state,
+        "state": FusionState(outcome.state),  # ValueError for an unknown state
         "missing_roles": ",".join(outcome.missing_roles),
         "series": "\n".join(f"{r}={uid}" for r, uid in (outcome.series or {}).items()),
         "detail": outcome.detail[:_DETAIL_MAX],
@@ -81,15 +78,15 @@ def expire_waits(conn: Connection, now: datetime | None = None) -> list[int]:
     t = _OUTCOME.c
     rows = conn.execute(
         select(t.id, t.study_pk, t.model_name, t.model_version, t.missing_roles).where(
-            t.state == "waiting", t.deadline_at <= now
+            t.state == FusionState.WAITING, t.deadline_at <= now
         )
     ).all()
     for row in rows:
         conn.execute(
             update(_OUTCOME)
-            .where(t.id == row.id, t.state == "waiting")
+            .where(t.id == row.id, t.state == FusionState.WAITING)
             .values(
-                state="incomplete",
+                state=FusionState.INCOMPLETE,
                 updated_at=now,
                 detail=f"incomplete study: no series for role(s) {row.missing_roles} "
                 "arrived within fusion.max_wait_s",

@@ -57,22 +57,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import aliased
 
-from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.errors import IndexQueryError, InvalidQuery
 from pacsnode.db.models import Instance, Patient, Series, Study
-
-
-class InvalidQuery(PacsnodeError):
-    """The identifier of a C-FIND, C-MOVE or C-GET cannot be answered as sent
-    (PS3.4 C.4.1.1.4: Identifier does not match SOP Class); ``keyword`` names
-    the offending attribute when there is one."""
-
-    def __init__(self, message: str, keyword: str | None = None) -> None:
-        super().__init__(message)
-        self.keyword = keyword
-
-
-class IndexQueryError(PacsnodeError):
-    """The index could not be read (database unavailable): transient."""
 
 
 class Level(IntEnum):

@@ -16,12 +16,13 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Connection, Select, func, select
 from sqlalchemy.orm import Session
 
+from pacsnode.core.states import StudyStatus
 from pacsnode.db.models import Instance, Job, Patient, Series, Study
 
 T = TypeVar("T")
 
 # A study's status: its newest job's state, or "receiving" before any job.
-STUDY_STATUSES = ("receiving", "pending", "queued", "running", "succeeded", "failed")
+STUDY_STATUSES = tuple(s.value for s in StudyStatus)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class StudySummary(Row):
     instance_count: int
     size_bytes: int
     last_received_at: datetime
-    status: str = "receiving"
+    status: str = StudyStatus.RECEIVING
     id: int = 0
 
 
@@ -121,7 +122,7 @@ def _study_where(stmt: Select[Any], flt: StudyFilter, latest: Any) -> Select[Any
         stmt = stmt.where(Study.study_date >= flt.date_from, Study.study_date != "")
     if flt.date_to is not None:
         stmt = stmt.where(Study.study_date <= flt.date_to, Study.study_date != "")
-    if flt.status == "receiving":
+    if flt.status == StudyStatus.RECEIVING:
         stmt = stmt.where(latest.c.state.is_(None))
     elif flt.status is not None:
         stmt = stmt.where(latest.c.state == flt.status)
@@ -193,7 +194,7 @@ def list_studies(
             instance_count=row.instance_count or 0,
             size_bytes=int(row.size_bytes or 0),
             last_received_at=row.Study.last_received_at,
-            status=row.state or "receiving",
+            status=row.state or StudyStatus.RECEIVING,
             id=row.Study.id,
         )
         for row in rows

@@ -38,6 +38,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, delete, func, select, update
 
+from pacsnode.core.layout import DataLayout
+from pacsnode.core.states import (
+    UNFINISHED_JOB_STATES,
+    UNSENT_EXPORT_STATES,
+    AssemblyState,
+    ExportState,
+)
 from pacsnode.db.models import (
     Assembly,
     Export,
@@ -51,9 +58,6 @@ from pacsnode.db.models import (
 )
 
 log = logging.getLogger(__name__)
-
-UNFINISHED_JOB_STATES = ("pending", "queued", "running")
-UNSENT_EXPORT_STATES = ("pending", "sending", "retrying")
 
 
 @dataclass(slots=True)
@@ -95,7 +99,7 @@ def keep_reasons(conn: Connection, study_pk: int, discard_failed_exports: bool) 
     assembling = conn.execute(
         select(func.count())
         .select_from(Assembly)
-        .where(Assembly.study_pk == study_pk, Assembly.state == "assembling")
+        .where(Assembly.study_pk == study_pk, Assembly.state == AssemblyState.ASSEMBLING)
     ).scalar_one()
     if assembling:
         reasons.append("still being received (not yet complete)")
@@ -106,7 +110,9 @@ def keep_reasons(conn: Connection, study_pk: int, discard_failed_exports: bool) 
     ).all()
     reasons += [f"job {job_id} is {state}" for job_id, state in jobs]
     export_states = (
-        UNSENT_EXPORT_STATES if discard_failed_exports else (*UNSENT_EXPORT_STATES, "failed")
+        UNSENT_EXPORT_STATES
+        if discard_failed_exports
+        else (*UNSENT_EXPORT_STATES, ExportState.FAILED)
     )
     exports = conn.execute(
         select(Export.id, Export.destination, Export.state)
@@ -118,7 +124,8 @@ def keep_reasons(conn: Connection, study_pk: int, discard_failed_exports: bool) 
     for export_id, destination, state in exports:
         hint = " (pacsnode exports retry, or retention.discard_failed_exports)"
         reasons.append(
-            f"export {export_id} to {destination} is {state}" + (hint if state == "failed" else "")
+            f"export {export_id} to {destination} is {state}"
+            + (hint if state == ExportState.FAILED else "")
         )
     return reasons
 
@@ -181,12 +188,13 @@ def _remove_files(data_dir: Path, spool_dir: Path, files: _Files) -> None:
         path = spool_dir / relpath
         path.unlink(missing_ok=True)
         folders.update((path.parent, path.parent.parent))
-    results = data_dir / "results"
+    layout = DataLayout(data_dir)
+    results = layout.results
     for relpath in files.masks:
         path = results / relpath
         path.unlink(missing_ok=True)
         folders.update((path.parent, path.parent.parent))
-    cache = data_dir / "cache" / "preprocessed"
+    cache = layout.preprocessed
     for uid in files.series_uids:
         # The cache is keyed by series (pacsnode never writes other files there).
         if uid and "/" not in uid and uid not in (".", ".."):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, func, insert, select
 
+from pacsnode.core.states import JobState
 from pacsnode.db.models import (
     AuditEvent,
     Export,
@@ -138,7 +139,7 @@ def grouped(conn: Connection, column: Any, key: Any) -> dict[str, int]:
 def stats(conn: Connection, now: datetime | None = None) -> Stats:
     now = now or datetime.now(UTC)
     hour, day = now - timedelta(hours=1), now - timedelta(days=1)
-    finished = select(func.count(Job.id)).where(Job.state == "succeeded")
+    finished = select(func.count(Job.id)).where(Job.state == JobState.SUCCEEDED)
     return Stats(
         studies=_count(conn, Study.id),
         series=_count(conn, Series.id),

@@ -26,20 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.errors import ModelInputError, ModelLoadError
 from pacsnode.models import architectures
 from pacsnode.models.tf_env import gpus, keras, tf
 
 DEFAULT_BATCH_SIZE = 8
-
-
-class ModelLoadError(PacsnodeError):
-    """A model file is missing, unreadable, of another architecture, or its
-    SHA-256 differs from the manifest's. Permanent: never retried."""
-
-
-class ModelInputError(PacsnodeError):
-    """An input array does not have the shape the model accepts. Permanent."""
 
 
 @dataclass(frozen=True)

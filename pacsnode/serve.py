@@ -1,6 +1,7 @@
 """``pacsnode serve``: the all-in-one node on one machine.
 
-Start-up order: check the configuration (done by the caller), check the
+Start-up order: check the configuration (done by the caller), install the
+DICOM networking patches (refused for an untested pynetdicom), check the
 installed models (manifests and weights hashes), bring the database schema to
 head, then run the storage SCP processes, the study assembler, the dispatcher
 and a Celery worker (both queues), each in its own process under one
@@ -26,6 +27,7 @@ from pacsnode.core.settings import Settings
 from pacsnode.db.migrate import upgrade
 from pacsnode.db.session import create_db_engine
 from pacsnode.firstrun import issue_link, needs_link, next_steps
+from pacsnode.scp import patches
 from pacsnode.scp.server import SCPSupervisor, Service
 from pacsnode.workers.assembler import run_assembler
 
@@ -113,6 +115,8 @@ def serve(settings: Settings, embedded_worker: bool = True) -> int:
     processes (other containers or machines) take its jobs."""
     configure_logging(settings.log_level, "main", settings.log_format)
     try:
+        # Before anything forks: every process of the node inherits them.
+        patches.install()
         check_models(settings)
     except ConfigError as exc:
         # Same form and exit status as the CLI's configuration errors.

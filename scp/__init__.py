@@ -1,5 +1,3 @@
-"""DICOM networking of pacsnode: the storage SCP, peer policy, spool and index writes."""
-
-from pacsnode.scp.reactor import install as _install_reactor_checkpoint
-
-_install_reactor_checkpoint()
+"""DICOM networking of pacsnode: the storage SCP, peer policy, spool and index
+writes, the SCU helper. Importing it changes nothing in pynetdicom: the
+patches of :mod:`pacsnode.scp.patches` are installed by ``install()``."""

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import re
 import time
-from typing import cast
 
-from pynetdicom import AE
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacsnode.core.errors import PacsnodeError
-from pacsnode.scp.status import explain_reject
+from pacsnode.scp import scu
 
 _TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
 
-
-class EchoError(PacsnodeError):
-    """The peer did not answer the verification with Success."""
+#: No association (:class:`scu.AssociationRejected`, :class:`scu.NoAssociation`)
+#: or no Success for the C-ECHO: the SCU helper's error class.
+EchoError = scu.ScuError
 
 
 def parse_target(target: str) -> tuple[str, str, int]:
@@ -29,27 +26,17 @@ def parse_target(target: str) -> tuple[str, str, int]:
 
 
 def echo(calling_ae: str, called_ae: str, host: str, port: int, timeout: float = 10.0) -> float:
-    """Send one C-ECHO; return the round-trip time in seconds."""
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    """Send one C-ECHO (PS3.7 9.1.5); return the round-trip time in seconds.
+
+    Raises :class:`EchoError`: :class:`scu.AssociationRejected` (with the
+    A-ASSOCIATE-RJ result, source and reason), :class:`scu.NoAssociation`,
+    or the base class for a C-ECHO without Success."""
+    peer = scu.Peer(called_ae, host, port)
     start = time.perf_counter()
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if assoc.is_rejected:
-        rj = cast(A_ASSOCIATE, assoc.acceptor.primitive)
-        raise EchoError(
-            explain_reject(rj.result, rj.result_source, rj.diagnostic, calling_ae, called_ae)
-        )
-    if not assoc.is_established:
-        raise EchoError(
-            f"no association with {called_ae}@{host}:{port} "
-            "(nothing listens there, or the peer aborted or timed out)"
-        )
-    try:
+    contexts = [(Verification, DEFAULT_TRANSFER_SYNTAXES)]
+    with scu.associate(calling_ae, peer, contexts, timeout=timeout) as assoc:
         status = assoc.send_c_echo()
-    finally:
-        assoc.release()
     if not status or status.Status != 0x0000:
         code = f"0x{status.Status:04X}" if status else "no response"
-        raise EchoError(f"C-ECHO failed: {code}")
+        raise EchoError(f"C-ECHO {peer} failed: {code}")
     return time.perf_counter() - start

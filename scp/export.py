@@ -28,31 +28,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from pydicom.uid import UID
+from pynetdicom import _config
 from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.presentation import build_context
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from sqlalchemy import Engine
 
 from pacsnode.core.settings import Destination, Settings
-from pacsnode.core.tls import client_context
 from pacsnode.db import exports
+from pacsnode.scp import scu
+from pacsnode.scp.scu import MAX_CONTEXTS
 
 log = logging.getLogger(__name__)
 
-# PS3.8 §9.3.2.2: at most 128 presentation contexts (odd ids 1-255) per association.
-MAX_CONTEXTS = 128
 BATCH_SIZE = 50
 # run_due claims no new batch after this long (the task's limit is longer).
 RUN_BUDGET_S = 120.0
-_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +68,8 @@ class _Item:
     sop_instance_uid: str
     transfer_syntax_uid: UID
 
-    def contexts(self) -> list[tuple[UID, tuple[UID, ...]]]:
-        own = (self.sop_class_uid, (self.transfer_syntax_uid,))
-        if not self.transfer_syntax_uid.is_compressed and not self.transfer_syntax_uid.is_deflated:
-            return [own, (self.sop_class_uid, _UNCOMPRESSED)]
-        return [own]
+    def contexts(self) -> list[scu.Context]:
+        return scu.contexts_for([(self.sop_class_uid, self.transfer_syntax_uid)])
 
 
 def _read_meta(export_id: int, path: Path) -> _Item | SendOutcome:
@@ -164,43 +156,27 @@ def _store(assoc: Association, item: _Item, message_id: int) -> SendOutcome:
     return SendOutcome(False, code, f"C-STORE {_status_text(code)}")
 
 
-def _associate(
-    settings: Settings, destination: Destination, items: list[_Item]
-) -> Association | SendOutcome:
-    """An association proposing the contexts the items need, or why not."""
-    ae = AE(ae_title=settings.ae_title)
-    ae.maximum_pdu_size = settings.max_pdu_size
-    timeout = settings.network_timeout_s
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    contexts = dict.fromkeys(cx for item in items for cx in item.contexts())
-    ae.requested_contexts = [build_context(sop, list(ts)) for sop, ts in contexts]
-    connected: list[bool] = []
+def _send_group(
+    assoc: Association,
+    group: list[_Item],
+    destination: Destination,
+    outcomes: dict[int, SendOutcome],
+) -> None:
+    """C-STORE each item of ``group`` over ``assoc``; record each outcome."""
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    tls = destination.tls
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
-        tls_args=(client_context(tls), destination.host) if tls else None,
-    )
-    if assoc.is_established:
-        return assoc
-    if assoc.is_rejected:
-        rj = cast(A_ASSOCIATE, assoc.acceptor.primitive)
-        reason = f"association rejected by {where}: {rj.result_str}, {rj.reason_str}"
-    elif not connected:
-        reason = (
-            f"cannot connect to {where} (connection refused, host unreachable, "
-            f"no answer within {timeout:g} s{', or TLS handshake failed' if tls else ''})"
-        )
-    elif assoc.is_aborted:
-        reason = f"association aborted by {where} during negotiation"
-        if tls:  # TLS 1.3 reports a refused client certificate only after the handshake
-            reason += " (TLS: is our client certificate accepted there?)"
-    else:
-        reason = f"no association with {where} (no answer within {timeout:g} s)"
-    return SendOutcome(False, reason=reason, reached=False)
+    for n, item in enumerate(group):
+        if not assoc.is_established:
+            lost = SendOutcome(
+                False, reason=f"association with {where} lost after {n} of {len(group)}"
+            )
+            outcomes.update((rest.export_id, lost) for rest in group[n:])
+            return
+        outcome = _store(assoc, item, message_id=n % 65535 + 1)
+        outcomes[item.export_id] = outcome
+        if not outcome.sent or outcome.reason:
+            log.warning(
+                "export of %s to %s: %s", item.sop_instance_uid, destination.name, outcome.reason
+            )
 
 
 def send_batch(
@@ -218,35 +194,24 @@ def send_batch(
             outcomes[export_id] = meta
         else:
             readable.append(meta)
-    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    peer = scu.Peer.of(destination)
+    where = str(peer)
     for group in _groups(readable):
-        assoc = _associate(settings, destination, group)
-        if isinstance(assoc, SendOutcome):
-            log.warning(
-                "export to %s: %s; %d object(s) wait", destination.name, assoc.reason, len(group)
-            )
-            outcomes.update((item.export_id, assoc) for item in group)
-            continue
+        contexts = list(dict.fromkeys(cx for item in group for cx in item.contexts()))
         try:
-            for n, item in enumerate(group):
-                if not assoc.is_established:
-                    lost = SendOutcome(
-                        False, reason=f"association with {where} lost after {n} of {len(group)}"
-                    )
-                    outcomes.update((rest.export_id, lost) for rest in group[n:])
-                    break
-                outcome = _store(assoc, item, message_id=n % 65535 + 1)
-                outcomes[item.export_id] = outcome
-                if not outcome.sent or outcome.reason:
-                    log.warning(
-                        "export of %s to %s: %s",
-                        item.sop_instance_uid,
-                        destination.name,
-                        outcome.reason,
-                    )
-        finally:
-            if assoc.is_established:
-                assoc.release()
+            with scu.associate(
+                settings.ae_title,
+                peer,
+                contexts,
+                timeout=settings.network_timeout_s,
+                max_pdu=settings.max_pdu_size,
+            ) as assoc:
+                _send_group(assoc, group, destination, outcomes)
+        except scu.ScuError as exc:  # no association: every object of the group waits
+            log.warning("export to %s: %s; %d object(s) wait", destination.name, exc, len(group))
+            unreached = SendOutcome(False, reason=str(exc), reached=False)
+            outcomes.update((item.export_id, unreached) for item in group)
+            continue
         stored = sum(outcomes[item.export_id].sent for item in group)
         log.info(
             "export to %s (%s): %d of %d object(s) stored on one association",

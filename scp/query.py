@@ -41,7 +41,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import Engine
 
-from pacsnode.db.qr import InformationModel, InvalidQuery, Query, find, find_query
+from pacsnode.core.errors import InvalidQuery
+from pacsnode.db.qr import InformationModel, Query, find, find_query
 from pacsnode.scp.status import QRStatus, qr_failure_status
 
 log = logging.getLogger(__name__)

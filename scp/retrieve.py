@@ -58,8 +58,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 from sqlalchemy import Engine
 
+from pacsnode.core.errors import InvalidQuery
 from pacsnode.core.settings import Settings
-from pacsnode.db.qr import InformationModel, InvalidQuery, StoredInstance, instances, retrieve_query
+from pacsnode.db.qr import InformationModel, StoredInstance, instances, retrieve_query
 from pacsnode.scp.query import failure as failure_status
 from pacsnode.scp.query import handle_find, read_identifier
 from pacsnode.scp.status import QRStatus

@@ -13,8 +13,8 @@ there is one.
 What can go wrong, and how it is reported: a path that does not exist
 raises :class:`ValueError` before anything is sent; a file that is not DICOM
 (no Part 10 header, PS3.10 §7.1) or not a storage SOP instance is skipped
-with its reason; a rejected association raises :class:`SendFilesError` with
-the rejection in words (:func:`pacsnode.scp.status.explain_reject`); a
+with its reason; no association raises :class:`SendFilesError` (the SCU
+helper's errors, :mod:`pacsnode.scp.scu`); a
 refused instance, a context the peer did not accept or a lost association
 is listed per file with its status (PS3.4 B.2.3: Success and Warning mean
 stored).
@@ -30,20 +30,20 @@ from typing import cast
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-from pynetdicom import AE, build_context
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom import build_context
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from pacsnode.core.errors import PacsnodeError
-from pacsnode.scp.status import explain_reject
+from pacsnode.scp import scu
 
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
 
 
-class SendFilesError(PacsnodeError):
-    """No association: the peer is unreachable or rejected it."""
+#: No association: :class:`scu.AssociationRejected` (with the A-ASSOCIATE-RJ
+#: result, source and reason; :func:`pacsnode.scp.status.explain_reject` says
+#: it in words with a hint) or :class:`scu.NoAssociation`.
+SendFilesError = scu.ScuError
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,24 +167,14 @@ def _send_batch(
     timeout: float,
 ) -> None:
     called_ae, host, port, calling_ae = peer
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(host, port, contexts=_contexts(keys), ae_title=called_ae)
-    if assoc.is_rejected:
-        rj = cast(A_ASSOCIATE, assoc.acceptor.primitive)
-        raise SendFilesError(
-            explain_reject(rj.result, rj.result_source, rj.diagnostic, calling_ae, called_ae)
-        )
-    if not assoc.is_established:
-        raise SendFilesError(
-            f"no association with {called_ae}@{host}:{port} "
-            "(nothing listens there, or the peer aborted or timed out)"
-        )
-    report.associations += 1
-    accepted = {
-        (str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts
-    }
-    try:
+    contexts = [(sop_class, (syntax,)) for sop_class, syntax in keys]
+    with scu.associate(
+        calling_ae, scu.Peer(called_ae, host, port), contexts, timeout=timeout
+    ) as assoc:
+        report.associations += 1
+        accepted = {
+            (str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts
+        }
         for instance, category, words in _store_each(assoc, batch, accepted):
             if category in ("Success", "Warning"):
                 report.stored += 1
@@ -193,9 +183,6 @@ def _send_batch(
                 report.failed.append((instance.path, words))
             if progress is not None:
                 progress(1)
-    finally:
-        if assoc.is_established:
-            assoc.release()
 
 
 def _store_each(

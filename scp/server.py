@@ -11,21 +11,17 @@ worker that dies and stops them all on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import ctypes
 import logging
 import multiprocessing
 import os
-import queue
 import signal
 import socket
-import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from pydicom import config as pydicom_config
 from pynetdicom import (
@@ -35,9 +31,6 @@ from pynetdicom import (
     StoragePresentationContexts,
     _config,
 )
-from pynetdicom.association import Association
-from pynetdicom.dimse import DIMSEServiceProvider, _QueueItem
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -47,13 +40,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from pacsnode.core.settings import Settings
 from pacsnode.core.tls import server_context
 from pacsnode.db.session import create_db_engine
+from pacsnode.scp import patches
 from pacsnode.scp.handlers import handlers
 from pacsnode.scp.indexer import GroupCommitIndexer
+from pacsnode.scp.patches import Contexts, PreboundServer, RequestHandler
 from pacsnode.scp.policy import AssociationGate
 from pacsnode.scp.retrieve import query_retrieve_handlers
 from pacsnode.scp.spool import Spool
@@ -61,154 +55,6 @@ from pacsnode.scp.spool import Spool
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-_REACTOR_WAIT_S = 0.02
-_DUL_IDLE_SLEEP_S = 0.0002
-_MIN_PDU_LIMIT = 1 << 20
-
-
-class _WaitingDIMSE(DIMSEServiceProvider):
-    """pynetdicom's acceptor reactor sleeps 1 ms, then polls for a complete
-    DIMSE message. Waiting on the message queue instead wakes it the moment
-    a C-STORE has arrived; the wait is short so A-RELEASE and A-ABORT, which
-    the reactor checks between polls, are still seen promptly."""
-
-    def get_msg(self, block: bool = False) -> _QueueItem:
-        if block:
-            return super().get_msg(block=True)
-        try:
-            return self.msg_queue.get(timeout=_REACTOR_WAIT_S)
-        except queue.Empty:
-            return None, None
-
-
-class _BulkRecvSocket(AssociationSocket):
-    """pynetdicom reads PDUs 4 KiB per recv() call, about 130 calls and
-    buffer extensions per 512x512 CT image; this reads straight into one
-    buffer of the PDU's size."""
-
-    # The largest PDU accepted, 0: any. A PDU's length field is read before
-    # its body, and this class allocates the body's buffer at once: a hostile
-    # length (up to 4 GiB) must be refused before that, not allocated.
-    pdu_limit = 0
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        if self.pdu_limit and nr_bytes > self.pdu_limit:
-            # pynetdicom treats this as the transport closing (Evt17): the
-            # association ends without reading the body.
-            raise ConnectionAbortedError(
-                f"PDU of {nr_bytes} bytes is over the limit of {self.pdu_limit}"
-            )
-        sock = cast(socket.socket, self.socket)
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nr_bytes:
-            n = sock.recv_into(view[received:], nr_bytes - received)
-            if n == 0:  # connection closed: return what arrived, as pynetdicom does
-                del view
-                return buffer[:received]
-            received += n
-        return buffer
-
-
-class _RequestHandler(RequestHandler):
-    def handle(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket) and not self._handshake(self.request):
-            return
-        super().handle()
-
-    def _handshake(self, sock: ssl.SSLSocket) -> bool:
-        """The TLS handshake, in this connection's own thread: a peer that
-        speaks plain DICOM, a bad certificate or a silent client costs this
-        thread at most the ACSE timeout, never the accepting loop."""
-        sock.settimeout(self.server.ae.acse_timeout)
-        try:
-            sock.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
-            reason = exc.reason if isinstance(exc, ssl.SSLError) else None
-            log.warning(
-                "TLS handshake with %s:%d failed: %s",
-                *self.client_address[:2],
-                reason or type(exc).__name__,
-            )
-            with contextlib.suppress(OSError):
-                sock.close()
-            return False
-        sock.settimeout(None)
-        return True
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        # Same object, with the faster recv() (pynetdicom creates the socket
-        # inside this method and offers no hook for its class).
-        assoc.dul.socket.__class__ = _BulkRecvSocket
-        # PS3.8 9.3.1: P-DATA-TF PDUs stay within the Maximum Length the node
-        # announces; other PDUs are small (an A-ASSOCIATE-RQ with 128
-        # contexts is tens of kilobytes).
-        if self.server.ae.maximum_pdu_size:
-            limit = max(self.server.ae.maximum_pdu_size, _MIN_PDU_LIMIT)
-            cast(_BulkRecvSocket, assoc.dul.socket).pdu_limit = limit
-        assoc.dimse = _WaitingDIMSE(assoc)
-        # The DUL thread sleeps this long whenever it found nothing to do; it
-        # is the delay before a C-STORE response leaves (pynetdicom: 1 ms).
-        # A lone association gets a short sleep (latency bound); beside others
-        # the default, as then the process is CPU bound and spinning costs.
-        if not self.server.active_associations:
-            assoc.dul._run_loop_delay = _DUL_IDLE_SLEEP_S
-        return assoc
-
-
-class _Contexts(list[PresentationContext]):
-    """The server's supported contexts, which pynetdicom deep-copies for
-    every association: 36 ms for 121 storage classes x 45 transfer syntaxes.
-    A context holds immutable UIDs besides its list of transfer syntaxes, so
-    copying each context and that list is an equally independent copy."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        copies = []
-        for context in self:
-            duplicate = copy.copy(context)
-            duplicate._transfer_syntax = list(context._transfer_syntax)
-            copies.append(duplicate)
-        return copies
-
-
-class _PreboundServer(ThreadedAssociationServer):
-    """A pynetdicom server that accepts on a socket bound by the parent."""
-
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, listener: socket.socket, *args: Any, **kwargs: Any) -> None:
-        self._listener = listener
-        super().__init__(*args, **kwargs)
-
-    def server_bind(self) -> None:
-        if self.socket is not None:
-            self.socket.close()
-        self.socket = self._listener
-        self.server_address = self._listener.getsockname()
-
-    def server_activate(self) -> None:
-        """Already listening (the parent called listen())."""
-
-    def server_close(self) -> None:
-        # Close this process's descriptor only: shutdown() would stop the
-        # socket the sibling workers are still accepting on.
-        self._listener.close()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        # All workers wait on the same socket; the ones that lose the race for
-        # a connection get BlockingIOError, which socketserver ignores.
-        client, address = self._listener.accept()
-        client.setblocking(True)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context is not None:
-            # The handshake happens in the connection's thread (_RequestHandler).
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
-        return client, address
 
 
 QUERY_RETRIEVE_SOP_CLASSES = (
@@ -259,7 +105,12 @@ def run_worker(
     slot: int,
     stop: threading.Event | None = None,
 ) -> None:
-    """Serve associations on ``listener`` until ``stop`` is set or SIGTERM."""
+    """Serve associations on ``listener`` until ``stop`` is set or SIGTERM.
+
+    Raises :class:`~pacsnode.core.errors.ConfigError` for an untested
+    pynetdicom (:func:`scp.patches.install`; ``serve`` checks it first)."""
+    # C-MOVE and C-GET sub-operations send C-STOREs: the reactor checkpoint.
+    patches.install()
     engine = create_db_engine(settings.effective_database_url, pool_size=2, max_overflow=4)
     indexer = GroupCommitIndexer(
         engine, grouping_for=lambda ae_title: settings.completion_for(ae_title).grouping
@@ -281,17 +132,17 @@ def run_worker(
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     gate = AssociationGate(settings, live_counts, slot)
     ae = build_ae(settings)
-    server = _PreboundServer(
+    server = PreboundServer(
         listener,
         ae,
         listener.getsockname()[:2],
         settings.ae_title,
-        _Contexts(ae.supported_contexts),
+        Contexts(ae.supported_contexts),
         ssl_context=server_context(settings.tls) if settings.tls else None,
         evt_handlers=handlers(spool, indexer, gate) + query_retrieve_handlers(engine, settings),
-        request_handler=_RequestHandler,
+        request_handler=RequestHandler,
     )
-    ae._servers.append(server)
+    server.register()
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

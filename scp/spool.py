@@ -15,18 +15,11 @@ import threading
 from pathlib import Path
 
 from pacsnode.core.errors import OutOfResources
+from pacsnode.core.layout import INCOMING, durable_replace, fsync_dir
 
 
 def spool_relpath(study_uid: str, series_uid: str, sop_uid: str) -> str:
     return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -61,14 +54,14 @@ class Spool:
             for directory in reversed(missing):
                 directory.mkdir(exist_ok=True)
                 # The new entry lives in the parent: make it durable there.
-                _fsync_dir(directory.parent)
+                fsync_dir(directory.parent)
             self._known_dirs.add(path)
 
     @property
     def incoming(self) -> Path:
         """Where pynetdicom writes data sets while they arrive (same file
         system as the spool, so adopting one is a rename, not a copy)."""
-        return self.root / ".incoming"
+        return self.root / INCOMING
 
     def clear_incoming(self) -> int:
         """Remove partial data sets left by a crash: none was acknowledged."""
@@ -80,18 +73,11 @@ class Spool:
 
     def adopt(self, received: Path, relpath: str) -> int:
         """Make a received file durable under ``relpath``: fsync, rename into
-        place, fsync the directory. Returns its size in bytes."""
+        place, fsync the directory (:func:`pacsnode.core.layout.durable_replace`).
+        Returns its size in bytes."""
         final = self.root / relpath
         self._ensure_dir(final.parent)
-        fd = os.open(received, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        os.replace(received, final)
-        _fsync_dir(final.parent)
-        return size
+        return durable_replace(received, final)
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath

@@ -2,19 +2,17 @@
 
 Names and values follow PS3.4 Annex B.2.3 (Storage Service Class statuses),
 PS3.4 Annex C.4 (Query/Retrieve statuses) and PS3.7 Annex C (general statuses).
+Each :class:`PacsnodeError` declares its status (``dimse_status``, see
+:mod:`pacsnode.core.errors`); :func:`dimse_status` and
+:func:`qr_failure_status` read that declaration and decide, in the same
+place, what any other exception means to a peer.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
 
-from pacsnode.core.errors import (
-    IngestError,
-    InvalidDataset,
-    NonConformantDataset,
-    OutOfResources,
-)
-from pacsnode.db.qr import IndexQueryError, InvalidQuery
+from pacsnode.core.errors import DimseStatus, PacsnodeError
 
 
 class StoreStatus(IntEnum):
@@ -30,15 +28,11 @@ class StoreStatus(IntEnum):
 
 
 def dimse_status(exc: BaseException) -> StoreStatus:
-    """The status a C-STORE answers when ingesting raised ``exc``."""
-    if isinstance(exc, OutOfResources):
-        return StoreStatus.OUT_OF_RESOURCES
-    if isinstance(exc, NonConformantDataset):
-        return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
-    if isinstance(exc, InvalidDataset):
-        return StoreStatus.CANNOT_UNDERSTAND
-    if isinstance(exc, IngestError):
-        return StoreStatus.CANNOT_UNDERSTAND
+    """The status a C-STORE answers when ingesting raised ``exc``: the
+    error's declaration for a :class:`PacsnodeError`; Out of Resources for an
+    ``OSError``; Processing failure for anything else."""
+    if isinstance(exc, PacsnodeError):
+        return StoreStatus(exc.dimse_status)
     if isinstance(exc, OSError):
         # Disk full, quota, I/O error: nothing was acknowledged, retry later.
         return StoreStatus.OUT_OF_RESOURCES
@@ -133,10 +127,20 @@ class QRStatus(IntEnum):
 
 def qr_failure_status(exc: BaseException, *, retrieve: bool) -> QRStatus:
     """The status a C-FIND (or, with ``retrieve``, a C-MOVE/C-GET) answers
-    when matching raised ``exc``."""
-    if isinstance(exc, InvalidQuery):
-        return QRStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
-    if isinstance(exc, IndexQueryError | OSError):
-        # The index cannot be read now: the peer may retry later.
+    when matching raised ``exc``: the error's declaration for a
+    :class:`PacsnodeError` (Out of Resources becomes A701 for a retrieve, PS3.4
+    C.4.2.1.5; a status Q/R does not define becomes Unable to process); Out of
+    Resources for an ``OSError`` (the index cannot be read now: the peer may
+    retry later); Unable to process for anything else."""
+    if isinstance(exc, PacsnodeError):
+        declared = exc.dimse_status
+    elif isinstance(exc, OSError):
+        declared = DimseStatus.OUT_OF_RESOURCES
+    else:
+        return QRStatus.UNABLE_TO_PROCESS
+    if declared == DimseStatus.OUT_OF_RESOURCES:
         return QRStatus.OUT_OF_RESOURCES_MATCHES if retrieve else QRStatus.OUT_OF_RESOURCES
-    return QRStatus.UNABLE_TO_PROCESS
+    try:
+        return QRStatus(declared.value)
+    except ValueError:  # Processing failure (0x0110) is a C-STORE status only
+        return QRStatus.UNABLE_TO_PROCESS

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from pacsnode.scp import patches
 from tests.support import IN_CI, Node, node_config
 
 pytest_plugins = ["tests.faultreport"]
@@ -16,6 +17,13 @@ pytest_plugins = ["tests.faultreport"]
 POSTGRES_URL = os.environ.get(
     "PACSNODE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def networking_patches() -> None:
+    """The tests' own SCUs are pynetdicom associations too: give them the
+    node's reactor checkpoint, as ``serve`` and the workers do."""
+    patches.install()
 
 
 def _postgres_database() -> Iterator[str]:

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pacsnode.core.errors import CoregistrationError
 from pacsnode.lab.phantom import Grid, SeriesImage, StudyHeader, series_datasets
 from pacsnode.models.inputspec import PreprocessSpec
-from pacsnode.workers.coregister import TargetGrid, check_same_frame, resample_onto
-from pacsnode.workers.errors import CoregistrationError
+from pacsnode.workers.coregister import check_same_frame, resample_onto
 from pacsnode.workers.fusion import stack_roles
 from pacsnode.workers.volume import Volume, load_series
 
@@ -97,7 +97,7 @@ def test_marker_lands_on_the_same_voxel(tmp_path: Path, case: str) -> None:
     moving = write_series(tmp_path / "mov", frame, marker_image("MOV", "PT", moving_grid, 10.0))
     # the written geometry is what the test assumes
     assert np.allclose(centre(reference.array - 0), expected_index(reference), atol=0.5)
-    resampled = resample_onto(moving, TargetGrid.of(reference))
+    resampled = resample_onto(moving, reference.grid)
     assert resampled.array.shape == reference.array.shape
     assert resampled.frame_of_reference_uid == frame
     found = centre(resampled.array)
@@ -138,7 +138,7 @@ def test_different_frames_of_reference_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CoregistrationError, match="different Frames of Reference"):
         check_same_frame([ct, pt])
     with pytest.raises(CoregistrationError, match="no spatial registration"):
-        resample_onto(pt, TargetGrid.of(ct))
+        resample_onto(pt, ct.grid)
     specs = {"ct": PreprocessSpec(), "pt": PreprocessSpec()}
     with pytest.raises(CoregistrationError, match=pt.series_instance_uid):
         stack_roles({"ct": ct, "pt": pt}, ("ct", "pt"), "ct", specs)
@@ -151,4 +151,4 @@ def test_no_overlap_is_refused(tmp_path: Path) -> None:
     ct = write_series(tmp_path / "ct", frame, marker_image("CT", "CT", reference_grid, 3.0))
     pt = write_series(tmp_path / "pt", frame, marker_image("PT", "PT", far, 3.0))
     with pytest.raises(CoregistrationError, match="does not overlap"):
-        resample_onto(pt, TargetGrid.of(ct))
+        resample_onto(pt, ct.grid)

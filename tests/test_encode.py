@@ -24,6 +24,7 @@ from pydicom.uid import PYDICOM_ROOT_UID
 from sqlalchemy import func, select
 
 import pacsnode
+from pacsnode.core.errors import EncodeError
 from pacsnode.core.settings import SegOptions, Settings
 from pacsnode.db.models import Assembly, Instance, Job, Patient, Series, Study
 from pacsnode.db.results import Code, FindingRecord, ModelIdentity, SegmentRecord
@@ -35,7 +36,6 @@ from pacsnode.workers import pipeline
 from pacsnode.workers.encode import (
     OOD_SCORE,
     OUT_OF_DISTRIBUTION,
-    EncodeError,
     SourceSeries,
     encode_job,
     read_source,

@@ -29,6 +29,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import Engine, select
 
 from pacsnode.core.settings import Destination, ExportPolicy, Settings, load_settings
+from pacsnode.core.taskdefs import EXPORT_DUE
 from pacsnode.db import exports
 from pacsnode.db.index import upsert_instances
 from pacsnode.db.migrate import upgrade
@@ -38,7 +39,6 @@ from pacsnode.lab.phantom import SeriesSpec, write_ct_series
 from pacsnode.scp.export import run_due, send_batch
 from pacsnode.workers.celery_app import make_app
 from pacsnode.workers.dispatcher import ExportPublisher
-from pacsnode.workers.tasks import EXPORT_TIME_LIMIT_S
 from tests.faultreport import ledger
 from tests.support import Node, free_port, node_config, require_binary, storescu, wait_for
 from tests.test_index import _record
@@ -296,7 +296,7 @@ def test_claims_are_exclusive_and_a_lost_claim_comes_back(engine: Engine, tmp_pa
 
 
 def test_lease_outlasts_the_task() -> None:
-    assert exports.LEASE_S >= EXPORT_TIME_LIMIT_S + 60
+    assert EXPORT_DUE.time_limit_s + 60 <= exports.LEASE_S
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:

@@ -28,10 +28,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from pacsnode.core.errors import IngestError
+from pacsnode.core.errors import IngestError, PreprocessError
 from pacsnode.lab.phantom import SeriesSpec, ct_series_datasets
 from pacsnode.scp.dataset import instance_record, read_header
-from pacsnode.workers.errors import PreprocessError
 from pacsnode.workers.volume import load_series
 from tests.support import Node, child_pids, node_config, wait_for
 from tests.test_assembly import FAST, jobs

@@ -8,14 +8,14 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, select
 
+from pacsnode.core.taskdefs import LOST_JOB_AFTER_S
+from pacsnode.db import jobs
 from pacsnode.db.assembly import Arrival, assembling, note_arrivals, trigger
 from pacsnode.db.index import upsert_instances
 from pacsnode.db.migrate import upgrade
 from pacsnode.db.models import Finding, Job, Segment, Series
 from pacsnode.db.results import Code, FindingRecord, ModelIdentity, SegmentRecord, replace_results
 from pacsnode.db.session import create_db_engine
-from pacsnode.workers import jobstate
-from pacsnode.workers.celery_app import TASK_TIME_LIMIT_S
 from pacsnode.workers.dispatcher import MAX_ATTEMPTS, recover_lost_jobs
 from tests.test_index import _record
 
@@ -44,13 +44,13 @@ def test_transitions_and_counts(database_url: str) -> None:
     upgrade(engine)
     a, b = _job(engine, 1), _job(engine, 2)
     with engine.begin() as conn:
-        assert jobstate.pending_jobs(conn) == [a, b]
-        jobstate.mark_queued(conn, a)
-        jobstate.mark_running(conn, a)
-        jobstate.mark_running(conn, a)  # redelivered: a second run
-        jobstate.mark_succeeded(conn, a)
-        jobstate.mark_failed(conn, b, "x" * 5000)
-        assert jobstate.counts(conn) == {"succeeded": 1, "failed": 1}
+        assert jobs.pending_jobs(conn) == [a, b]
+        jobs.mark_queued(conn, a)
+        jobs.mark_running(conn, a)
+        jobs.mark_running(conn, a)  # redelivered: a second run
+        jobs.mark_succeeded(conn, a)
+        jobs.mark_failed(conn, b, "x" * 5000)
+        assert jobs.counts(conn) == {"succeeded": 1, "failed": 1}
     assert _state(engine, a).attempts == 2
     assert len(_state(engine, b).error) == 1024
 
@@ -61,12 +61,12 @@ def test_restart_publishes_queued_and_running_jobs_again(database_url: str) -> N
     queued, running, done = _job(engine, 1), _job(engine, 2), _job(engine, 3)
     with engine.begin() as conn:
         for job_id in (queued, running, done):
-            jobstate.mark_queued(conn, job_id)
-        jobstate.mark_running(conn, running)
-        jobstate.mark_running(conn, done)
-        jobstate.mark_succeeded(conn, done)
-        assert jobstate.requeue_unfinished(conn) == 2
-        assert jobstate.pending_jobs(conn) == [queued, running]
+            jobs.mark_queued(conn, job_id)
+        jobs.mark_running(conn, running)
+        jobs.mark_running(conn, done)
+        jobs.mark_succeeded(conn, done)
+        assert jobs.requeue_unfinished(conn) == 2
+        assert jobs.pending_jobs(conn) == [queued, running]
 
 
 def test_job_whose_worker_was_lost_is_published_again_then_failed(database_url: str) -> None:
@@ -75,11 +75,11 @@ def test_job_whose_worker_was_lost_is_published_again_then_failed(database_url: 
     lost, fresh = _job(engine, 1), _job(engine, 2)
     with engine.begin() as conn:
         for job_id in (lost, fresh):
-            jobstate.mark_queued(conn, job_id)
-            jobstate.mark_running(conn, job_id)
+            jobs.mark_queued(conn, job_id)
+            jobs.mark_running(conn, job_id)
     # Within the time limit nothing happens; past it, only the old one moves.
     assert recover_lost_jobs(engine) == (0, 0)
-    later = datetime.now(UTC) + timedelta(seconds=TASK_TIME_LIMIT_S + 120)
+    later = datetime.now(UTC) + timedelta(seconds=LOST_JOB_AFTER_S + 60)
     with engine.begin() as conn:
         conn.execute(
             Job.__table__.update()
@@ -92,7 +92,7 @@ def test_job_whose_worker_was_lost_is_published_again_then_failed(database_url: 
     # Each run counts; after MAX_ATTEMPTS runs a lost job fails with a reason.
     for _ in range(MAX_ATTEMPTS - 1):
         with engine.begin() as conn:
-            jobstate.mark_running(conn, lost)
+            jobs.mark_running(conn, lost)
     assert recover_lost_jobs(engine, now=later) == (0, 1)
     job = _state(engine, lost)
     assert job.state == "failed"

@@ -39,7 +39,7 @@ from pacsnode.lab.phantom import (
     write_study,
 )
 from pacsnode.lab.phantom.anatomy import PROPERTIES
-from pacsnode.lab.phantom.geometry import AXIAL, CORONAL, Grid
+from pacsnode.workers.geometry import AXIAL, CORONAL, Grid
 from pacsnode.workers.volume import Volume, load_series
 from tests.support import Node, node_config, require_binary
 

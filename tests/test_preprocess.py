@@ -28,8 +28,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from pacsnode.core.errors import GeometryError, PixelDataError, PreprocessError
 from pacsnode.lab.phantom import SeriesSpec, ct_phantom_volume, ct_series_datasets
-from pacsnode.workers.errors import GeometryError, PixelDataError, PreprocessError
 from pacsnode.workers.preprocess import (
     PreprocessCache,
     PreprocessSpec,

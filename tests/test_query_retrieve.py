@@ -34,7 +34,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from pacsnode.db.qr import InformationModel, InvalidQuery, find_query, retrieve_query
+from pacsnode.core.errors import InvalidQuery
+from pacsnode.db.qr import InformationModel, find_query, retrieve_query
 from pacsnode.db.session import create_db_engine
 from pacsnode.lab.phantom import StudySpec, WrittenStudy, write_study
 from pacsnode.scp.query import handle_find

@@ -1,4 +1,5 @@
-"""The race-free reactor checkpoint (scp.reactor) on pynetdicom associations.
+"""The race-free reactor checkpoint (scp.patches) on pynetdicom associations,
+and how the patches are installed: explicitly, for a tested pynetdicom only.
 
 The race it closes is a thread interleaving that real traffic hits about
 once in 2,800 C-STOREs, so the first test forces that interleaving; the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -20,9 +22,14 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-import pacsnode.scp  # noqa: F401  (installs the checkpoint)
-from pacsnode.scp.reactor import Checkpoint
+from pacsnode.core.errors import ConfigError
+from pacsnode.scp import patches
+from pacsnode.scp.patches import Checkpoint
 from tests.support import free_port, require_binary, wait_for
+
+# The session fixture of tests/conftest.py installed the patches already;
+# installing is idempotent.
+patches.install()
 
 
 def test_sender_never_sees_paused_after_the_reactor_has_passed_the_checkpoint() -> None:
@@ -122,3 +129,51 @@ def test_release_on_network_timeout_from_the_reactor(storescp: int) -> None:
     assoc = _associate(storescp, network_timeout=1.0)
     assoc.network_timeout_response = "A-RELEASE"
     wait_for(lambda: assoc.is_released, timeout=10, what="release after the network timeout")
+
+
+def test_importing_the_scp_patches_nothing() -> None:
+    """In a fresh interpreter: importing every scp module (and serve, and the
+    Celery app) leaves pynetdicom as it is; install() then patches."""
+    code = """
+import pynetdicom.association as a
+from pynetdicom import AE
+original = a.Association.__init__
+import pacsnode.scp, pacsnode.scp.server, pacsnode.scp.export, pacsnode.scp.echo
+import pacsnode.scp.scu, pacsnode.scp.patches, pacsnode.serve, pacsnode.workers.celery_app
+assert a.Association.__init__ is original, "patched on import"
+assert not pacsnode.scp.patches.installed()
+assert not isinstance(a.Association(AE(), "requestor")._reactor_checkpoint,
+                      pacsnode.scp.patches.Checkpoint)
+pacsnode.scp.patches.install()
+pacsnode.scp.patches.install()
+assert a.Association.__init__ is not original
+assert isinstance(a.Association(AE(), "requestor")._reactor_checkpoint,
+                  pacsnode.scp.patches.Checkpoint)
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("found", ["3.0.3", "3.1.0", "4.0.0"])
+def test_install_refuses_an_untested_pynetdicom(
+    found: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(patches, "installed_version", lambda _name: found)
+    monkeypatch.setattr(patches, "_installed", False)
+    with pytest.raises(ConfigError) as caught:
+        patches.install()
+    message = str(caught.value)
+    assert f"pynetdicom {found} is installed" in message
+    assert ">=3.0.4" in message and "<3.1" in message
+    assert not patches.installed()
+
+
+def test_install_accepts_the_tested_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    for found in ("3.0.4", "3.0.9"):
+        assert patches.check_version(found) == found
+    monkeypatch.setattr(patches, "installed_version", lambda _name: "3.0.5")
+    assert patches.check_version() == "3.0.5"

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, func, insert, select
 from typer.testing import CliRunner
 
 from pacsnode.cli import app
+from pacsnode.db import jobs
 from pacsnode.db.index import upsert_instances
 from pacsnode.db.migrate import upgrade
 from pacsnode.db.models import (
@@ -34,7 +35,6 @@ from pacsnode.db.models import (
 )
 from pacsnode.db.retention import apply_retention
 from pacsnode.db.session import create_db_engine
-from pacsnode.workers import jobstate
 from tests.support import Node, node_config, wait_for
 from tests.test_index import _record
 
@@ -292,8 +292,8 @@ def test_cleanup_and_healthcheck_on_a_running_node(
         assert kept.exit_code == 0, kept.output
         assert "kept: job 1 is queued" in kept.output and "deleted 0 studies" in kept.output
         with engine.begin() as conn:  # as a worker would record it
-            jobstate.mark_running(conn, 1)
-            jobstate.mark_succeeded(conn, 1)
+            jobs.mark_running(conn, 1)
+            jobs.mark_succeeded(conn, 1)
 
         cleaned = runner.invoke(app, ["cleanup", "--keep-days", "0"], terminal_width=200)
         assert cleaned.exit_code == 0, cleaned.output

@@ -9,51 +9,19 @@ object (PS3.3 C.20), which pacsnode does not apply yet, so they are refused
 with a clear error instead of being overlaid by accident.
 
 The resampling itself is :func:`scipy.ndimage.affine_transform`: one affine
-map from the target grid's voxel indices to the source's.
+map from the target grid's voxel indices to the source's, composed of the
+two grids' index → patient affines (:attr:`workers.geometry.Grid.affine`,
+highdicom's convention).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import ndimage  # type: ignore[import-untyped]  # no scipy-stubs in dev deps
 
-from pacsnode.workers.errors import CoregistrationError
+from pacsnode.core.errors import CoregistrationError
+from pacsnode.workers.geometry import Grid
 from pacsnode.workers.volume import Volume
-
-
-@dataclass(frozen=True, eq=False)
-class TargetGrid:
-    """A grid in patient space: ``shape`` and ``spacing`` (z, y, x), ``origin``
-    the patient (x, y, z) of voxel [0, 0, 0], ``direction`` rows the row
-    cosine, column cosine and slice normal (as :class:`Volume`)."""
-
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: np.ndarray
-    frame_of_reference_uid: str
-
-    @classmethod
-    def of(cls, volume: Volume) -> TargetGrid:
-        z, y, x = volume.array.shape
-        return cls((z, y, x), volume.spacing, volume.origin, volume.direction,
-                   volume.frame_of_reference_uid)  # fmt: skip
-
-
-def index_to_patient(
-    spacing: tuple[float, ...], origin: tuple[float, ...], direction: np.ndarray
-) -> np.ndarray:
-    """The 4x4 affine taking (z, y, x, 1) voxel indices to patient (x, y, z, 1)."""
-    # column k of the 3x3 part: the patient step of one voxel along index axis k
-    steps = np.stack(
-        [direction[2] * spacing[0], direction[1] * spacing[1], direction[0] * spacing[2]], axis=1
-    )
-    affine = np.eye(4)
-    affine[:3, :3] = steps
-    affine[:3, 3] = origin
-    return affine
 
 
 def check_same_frame(volumes: list[Volume]) -> str:
@@ -77,7 +45,7 @@ def check_same_frame(volumes: list[Volume]) -> str:
 
 
 def resample_onto(
-    volume: Volume, grid: TargetGrid, *, order: int = 1, fill: float | None = None
+    volume: Volume, grid: Grid, *, order: int = 1, fill: float | None = None
 ) -> Volume:
     """``volume`` resampled onto ``grid`` (same Frame of Reference required).
 
@@ -94,10 +62,8 @@ def resample_onto(
             f"{grid.frame_of_reference_uid}: no spatial registration relates them, "
             "so they cannot be fused"
         )
-    source = index_to_patient(volume.spacing, volume.origin, volume.direction)
-    target = index_to_patient(grid.spacing, grid.origin, grid.direction)
     # target index -> patient -> source index
-    mapping = np.linalg.solve(source, target)
+    mapping = np.linalg.solve(volume.grid.affine, grid.affine)
     if not np.all(np.isfinite(mapping)):
         raise CoregistrationError(f"series {volume.series_instance_uid}: degenerate geometry")
     background = float(volume.array.min()) if fill is None else fill
@@ -118,10 +84,7 @@ def resample_onto(
         )
     return Volume(
         array=array,
-        spacing=grid.spacing,
-        origin=grid.origin,
-        direction=grid.direction,
-        frame_of_reference_uid=grid.frame_of_reference_uid,
+        grid=grid,
         series_instance_uid=volume.series_instance_uid,
         modality=volume.modality,
         sop_instance_uids=(),

@@ -9,6 +9,9 @@ idempotent. While running, jobs that have been ``running`` for longer than a
 task's hard time limit lost their worker (killed wholesale, or by the limit)
 and are published again, a bounded number of times.
 
+Job transitions go through :mod:`pacsnode.db.jobs`, the one owner of the job
+lifecycle.
+
 Exports (docs/architecture.md §3, exports) are rows too (:mod:`db.exports`): while some are due,
 the dispatcher publishes one ``export_due`` task, and another only when rows
 it has not seen become due (new, back from backoff, re-queued, or claimed by
@@ -26,20 +29,16 @@ from datetime import UTC, datetime, timedelta
 from celery import Celery
 from sqlalchemy import Engine
 
-from pacsnode.db import exports
-from pacsnode.workers import jobstate
-from pacsnode.workers.celery_app import CPU_QUEUE, TASK_TIME_LIMIT_S
+from pacsnode.core.taskdefs import EXPORT_DUE, LOST_JOB_AFTER_S, RUN_JOB
+from pacsnode.db import exports, jobs
+from pacsnode.workers.celery_app import CPU_QUEUE
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
-# A job running this much longer than a task may has lost its worker.
-LOST_GRACE_S = 60
 RECOVERY_EVERY_S = 30
 # Runs a job gets before a lost worker or time limit fails it.
 MAX_ATTEMPTS = 3
-TASK = "pacsnode.run_job"
-EXPORT_TASK = "pacsnode.export_due"
 EXPORT_POLL_S = 0.5
 # Publish export_due again after this long even if no new row became due,
 # in case the last message was lost with the broker.
@@ -51,18 +50,22 @@ PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "i
 def dispatch_once(engine: Engine, app: Celery) -> int:
     """Publish pending jobs; return how many were published."""
     with engine.connect() as conn:
-        ids = jobstate.pending_jobs(conn)
+        ids = jobs.pending_jobs(conn)
     published = 0
     for job_id in ids:
         try:
             app.send_task(
-                TASK, args=[job_id], queue=CPU_QUEUE, retry=True, retry_policy=PUBLISH_RETRY
+                RUN_JOB.name,
+                args=[job_id],
+                queue=CPU_QUEUE,
+                retry=True,
+                retry_policy=PUBLISH_RETRY,
             )
         except Exception as exc:
             log.warning("broker unavailable (%s): %d job(s) wait", type(exc).__name__, len(ids))
             break
         with engine.begin() as conn:
-            jobstate.mark_queued(conn, job_id)
+            jobs.mark_queued(conn, job_id)
         log.info("job %d queued (%s queue)", job_id, CPU_QUEUE)
         published += 1
     return published
@@ -84,7 +87,7 @@ class ExportPublisher:
         if not due or (due <= self.seen and not stale):
             return False
         try:
-            app.send_task(EXPORT_TASK, queue=CPU_QUEUE, retry=True, retry_policy=PUBLISH_RETRY)
+            app.send_task(EXPORT_DUE.name, queue=CPU_QUEUE, retry=True, retry_policy=PUBLISH_RETRY)
         except Exception as exc:
             log.warning("broker unavailable (%s): %d export(s) wait", type(exc).__name__, len(due))
             return False
@@ -94,11 +97,13 @@ class ExportPublisher:
 
 def recover_lost_jobs(engine: Engine, now: datetime | None = None) -> tuple[int, int]:
     """Jobs whose worker died wholesale (its unacknowledged message may be
-    gone with it) go back to pending, or fail after ``MAX_ATTEMPTS`` runs."""
+    gone with it) go back to pending, or fail after ``MAX_ATTEMPTS`` runs.
+    Lost means running for longer than a job task may (``LOST_JOB_AFTER_S``,
+    from the tasks' time limits in :mod:`pacsnode.core.taskdefs`)."""
     now = now or datetime.now(UTC)
-    started_before = now - timedelta(seconds=TASK_TIME_LIMIT_S + LOST_GRACE_S)
+    started_before = now - timedelta(seconds=LOST_JOB_AFTER_S)
     with engine.begin() as conn:
-        requeued, failed = jobstate.recover_lost(conn, started_before, MAX_ATTEMPTS)
+        requeued, failed = jobs.recover_lost(conn, started_before, MAX_ATTEMPTS)
     if requeued or failed:
         log.warning("jobs whose worker was lost: %d requeued, %d failed", requeued, failed)
     return requeued, failed
@@ -106,7 +111,7 @@ def recover_lost_jobs(engine: Engine, now: datetime | None = None) -> tuple[int,
 
 def run_dispatcher(engine: Engine, app: Celery, stop: threading.Event) -> None:
     with engine.begin() as conn:
-        again = jobstate.requeue_unfinished(conn)
+        again = jobs.requeue_unfinished(conn)
     if again:
         log.info("publishing %d unfinished job(s) again after a restart", again)
     next_recovery = next_export_check = 0.0

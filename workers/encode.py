@@ -51,7 +51,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 import pacsnode
-from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.errors import EncodeError
 from pacsnode.core.settings import SegOptions
 from pacsnode.db.results import Code, FindingRecord
 from pacsnode.models.manifest import Code as ManifestCode
@@ -77,11 +77,6 @@ PROCEDURES = {
     "NM": codes.LN.NMUnspecifiedBodyRegion,
 }
 SegKey = tuple[str, str, str]  # model name, model version, source SeriesInstanceUID
-
-
-class EncodeError(PacsnodeError):
-    """Results that cannot become DICOM objects: a model no longer installed,
-    a mask that does not fit its series. Permanent: never retried."""
 
 
 @dataclass(frozen=True)

@@ -30,15 +30,16 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.states import FusionState
 from pacsnode.db.fusion import Outcome
 from pacsnode.db.results import Code, FindingRecord
 from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.models.manifest import ModelManifest, SeriesInfo
 from pacsnode.models.registry import RegisteredModel
-from pacsnode.workers.coregister import TargetGrid, check_same_frame, resample_onto
+from pacsnode.workers.coregister import check_same_frame, resample_onto
+from pacsnode.workers.geometry import Grid
 from pacsnode.workers.infer import ModelResult, identity
-from pacsnode.workers.preprocess import OutputGeometry, output_geometry, preprocess
+from pacsnode.workers.preprocess import output_geometry, preprocess
 from pacsnode.workers.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,6 @@ log = logging.getLogger(__name__)
 # Heads of models.architectures.build_fusion_classifier, in output order.
 HEADS = ("ct", "pt", "fused")
 _EPS = 1e-6
-
-
-class FusionError(PacsnodeError):
-    """A fusion model could not combine the series of a study."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +81,7 @@ def stack_roles(
     roles: Sequence[str],
     reference: str,
     specs: Mapping[str, PreprocessSpec],
-) -> tuple[np.ndarray, OutputGeometry]:
+) -> tuple[np.ndarray, Grid]:
     """The roles' volumes on the reference role's model grid as one
     ``(z, y, x, len(roles))`` float32 stack, with that grid's geometry.
 
@@ -94,18 +91,14 @@ def stack_roles(
     """
     check_same_frame([volumes[r] for r in roles])
     base = volumes[reference]
-    geometry = output_geometry(base, specs[reference])
-    grid = TargetGrid(
-        geometry.shape, geometry.spacing, geometry.origin, base.direction,
-        base.frame_of_reference_uid,
-    )  # fmt: skip
+    grid = output_geometry(base, specs[reference])
     channels = []
     for role in roles:
         if role == reference:
             channels.append(preprocess(base, specs[role]))
         else:
             channels.append(preprocess(resample_onto(volumes[role], grid), specs[role]))
-    return np.stack(channels, axis=-1), geometry
+    return np.stack(channels, axis=-1), grid
 
 
 def role_specs(manifest: ModelManifest) -> dict[str, PreprocessSpec]:
@@ -223,5 +216,7 @@ def missing_outcome(
     until = first_received + timedelta(seconds=max_wait_s)
     if now >= until:
         detail = f"incomplete study: no series for role(s) {', '.join(missing)}"
-        return Outcome("incomplete", missing, series, detail, until)
-    return Outcome("waiting", missing, series, f"waiting for role(s) {', '.join(missing)}", until)
+        return Outcome(FusionState.INCOMPLETE, missing, series, detail, until)
+    return Outcome(
+        FusionState.WAITING, missing, series, f"waiting for role(s) {', '.join(missing)}", until
+    )

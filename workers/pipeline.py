@@ -22,8 +22,10 @@ import numpy as np
 import pydicom
 from sqlalchemy import Connection, Engine, select
 
-from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.errors import FusionError, PacsnodeError
+from pacsnode.core.layout import atomic_write
 from pacsnode.core.settings import Destination, Settings
+from pacsnode.core.states import FusionState
 from pacsnode.db.exports import destinations_for, enqueue_exports
 from pacsnode.db.fusion import Outcome, record, study_first_received
 from pacsnode.db.models import Instance, Job, Series, Study
@@ -36,14 +38,13 @@ from pacsnode.models.registry import RegisteredModel, Registry
 from pacsnode.workers.encode import encode_job, read_source
 from pacsnode.workers.fusion import (
     Candidate,
-    FusionError,
     choose_series,
     missing_outcome,
     run_fusion,
 )
 from pacsnode.workers.infer import ModelResult, infer_series, load_for_inference
 from pacsnode.workers.outputs import OutputObject, store_outputs
-from pacsnode.workers.preprocess import PreprocessCache, write_atomically
+from pacsnode.workers.preprocess import PreprocessCache
 from pacsnode.workers.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ class JobContext:
     # own series when the sender's policy groups by series).
     study_series: dict[str, SeriesInput] = field(default_factory=dict)
     fusion_errors: list[str] = field(default_factory=list)
+    # Export rows the export stage queued: the task layer asks a worker to
+    # send them now (the dispatcher's poll would, a moment later).
+    exports_queued: int = 0
 
 
 @cache
@@ -184,7 +188,7 @@ def preprocess(ctx: JobContext, engine: Engine) -> None:
     the job with the reason), the models that apply to it chosen, and their
     inputs preprocessed (cached under ``<data_dir>/cache/preprocessed``, so
     models sharing a spec, and re-runs, share the work)."""
-    cache = PreprocessCache(ctx.settings.data_dir / "cache" / "preprocessed")
+    cache = PreprocessCache(ctx.settings.layout.preprocessed)
     models = registry(ctx)
     for series in ctx.series:
         volume = load_series(series.paths)
@@ -284,7 +288,7 @@ def fuse(ctx: JobContext, engine: Engine) -> None:
                 )
             except PacsnodeError as exc:
                 ctx.fusion_errors.append(f"fusion {model.key}: {exc}")
-                outcome = Outcome("failed", (), _uids(chosen), str(exc))
+                outcome = Outcome(FusionState.FAILED, (), _uids(chosen), str(exc))
                 log.error("job %d: fusion %s failed: %s", ctx.job_id, model.key, exc)
             else:
                 ctx.results.append(result)
@@ -292,7 +296,7 @@ def fuse(ctx: JobContext, engine: Engine) -> None:
                     f"ct {scores.ct:.4f} pt {scores.pt:.4f} feature {scores.feature:.4f} "
                     f"decision {scores.decision:.4f}"
                 )
-                outcome = Outcome("fused", (), _uids(chosen), detail)
+                outcome = Outcome(FusionState.FUSED, (), _uids(chosen), detail)
                 log.info("job %d: fusion %s fused: %s", ctx.job_id, model.key, detail)
         with engine.begin() as conn:
             record(
@@ -308,7 +312,7 @@ def _uids(chosen: Mapping[str, Candidate]) -> dict[str, str]:
 def _write_mask(path: Path, masks: dict[int, np.ndarray]) -> None:
     """Masks as one compressed .npz (key ``segment_<n>``), written atomically."""
     arrays: dict[str, Any] = {f"segment_{n}": m for n, m in masks.items()}
-    write_atomically(path, lambda fh: np.savez_compressed(fh, **arrays))
+    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 
 def persist(ctx: JobContext, engine: Engine) -> None:
@@ -322,7 +326,7 @@ def persist(ctx: JobContext, engine: Engine) -> None:
                 f"{ctx.study_instance_uid}/{result.series_instance_uid}/"
                 f"{result.model.name}-{result.model.version}.npz"
             )
-            _write_mask(ctx.settings.data_dir / "results" / relative, result.masks)
+            _write_mask(ctx.settings.layout.results / relative, result.masks)
             result.segments = [replace(s, mask_path=relative) for s in result.segments]
     with engine.begin() as conn:
         for result in ctx.results:
@@ -364,8 +368,9 @@ def encode(ctx: JobContext, engine: Engine) -> None:
 def export(ctx: JobContext, engine: Engine) -> None:
     """Each output object queued for its destinations (db.exports: rules per
     model and calling AE, ``@sender``), one transaction for the job; then a
-    worker is asked to send them now. Sending happens in the ``export_due``
-    task, so a destination that is down delays delivery and never the job."""
+    worker is asked to send them now (by the task layer, from
+    ``ctx.exports_queued``). Sending happens in the ``export_due`` task, so a
+    destination that is down delays delivery and never the job."""
     if not ctx.outputs:
         return
     with engine.connect() as conn:
@@ -397,10 +402,7 @@ def export(ctx: JobContext, engine: Engine) -> None:
                     deadline=deadline,
                 )
             )
-    if queued:
-        from pacsnode.workers.tasks import publish_export_due  # the task module imports this one
-
-        publish_export_due()
+    ctx.exports_queued = queued
 
 
 Stage = Callable[[JobContext, Engine], None]
@@ -431,8 +433,10 @@ def needs_models(ctx: JobContext) -> bool:
 def run(
     job_id: int, engine: Engine, settings: Settings, stages: tuple[str, ...] = ALL_STAGES
 ) -> JobContext:
-    """Run ``stages`` of job ``job_id`` in pipeline order; exceptions
-    propagate to the task."""
+    """Run ``stages`` of job ``job_id`` in pipeline order and return the
+    context, from which the task layer decides what comes next
+    (:func:`needs_models`, ``exports_queued``, :func:`raise_fusion_errors`).
+    Exceptions propagate to the task."""
     ctx = JobContext(job_id=job_id, study_instance_uid="", settings=settings)
     ctx.disabled = switched_off(engine, settings)
     for name, stage in STAGES:
@@ -449,9 +453,6 @@ def run(
         record_timings(
             conn, job_id, ctx.timings, [(r.model.name, r.forward_s) for r in ctx.results]
         )
-    if ctx.fusion_errors:
-        # Recorded on the job after the other models' results were written.
-        raise FusionError("; ".join(ctx.fusion_errors))
     log.info(
         "job %d study %s: %d volume series, %d other series skipped, %d model result(s), stages %s",
         job_id,
@@ -462,3 +463,15 @@ def run(
         " ".join(f"{k}={v:.2f}s" for k, v in ctx.timings.items()),
     )
     return ctx
+
+
+def raise_fusion_errors(ctx: JobContext) -> None:
+    """Fail the job with the fusion models' errors, if any: raised after
+    :func:`run` wrote the other models' results and queued their exports, so
+    those are kept and sent.
+
+    Raises:
+        FusionError: one or more fusion models could not combine the study.
+    """
+    if ctx.fusion_errors:
+        raise FusionError("; ".join(ctx.fusion_errors))

@@ -21,37 +21,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi  # type: ignore[import-untyped]  # no scipy-stubs in dev deps yet
 
+from pacsnode.core.errors import PreprocessError
+from pacsnode.core.layout import atomic_write
 from pacsnode.models.inputspec import PreprocessSpec
-from pacsnode.workers.errors import PreprocessError
+from pacsnode.workers.geometry import Grid
 from pacsnode.workers.volume import Volume
 
 log = logging.getLogger(__name__)
 
 PERCENTILES = (0.5, 99.5)
-
-
-@dataclass(frozen=True)
-class OutputGeometry:
-    """Where the output of :func:`preprocess` lies; direction is the volume's.
-
-    ``origin`` is the patient position (x, y, z) of output voxel [0, 0, 0], so a
-    model's output can be mapped back onto the source series (e.g. for SEG).
-    """
-
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -87,8 +74,11 @@ def _plan(shape: tuple[int, ...], spacing: tuple[float, ...], spec: PreprocessSp
     return _Plan((z, y, x), scale, offset, (slice(lz, hz), slice(ly, hy), slice(lx, hx)))
 
 
-def output_geometry(volume: Volume, spec: PreprocessSpec) -> OutputGeometry:
-    """The grid :func:`preprocess` produces for this volume and spec."""
+def output_geometry(volume: Volume, spec: PreprocessSpec) -> Grid:
+    """The grid :func:`preprocess` produces for this volume and spec: the
+    volume's orientation and Frame of Reference; ``origin`` is the patient
+    position (x, y, z) of output voxel [0, 0, 0], so a model's output can be
+    mapped back onto the source series (e.g. for SEG)."""
     plan = _plan(volume.array.shape, volume.spacing, spec)
     step = np.asarray(volume.spacing) * plan.scale
     # index (z, y, x) → patient: x along the row cosine, y along the column
@@ -96,7 +86,10 @@ def output_geometry(volume: Volume, spec: PreprocessSpec) -> OutputGeometry:
     shift = plan.offset * np.asarray(volume.spacing)
     origin = np.asarray(volume.origin) + volume.direction.T @ shift[::-1]
     (sz, sy, sx), (ox, oy, oz) = map(float, step), map(float, origin)
-    return OutputGeometry(plan.shape, (sz, sy, sx), (ox, oy, oz))
+    grid = volume.grid
+    return Grid(
+        plan.shape, (sz, sy, sx), (ox, oy, oz), grid.orientation, grid.frame_of_reference_uid
+    )
 
 
 def preprocess(volume: Volume, spec: PreprocessSpec) -> np.ndarray:
@@ -318,20 +311,6 @@ def _sha256(text: str) -> str:
 
 
 def _write_atomically(path: Path, array: np.ndarray) -> None:
-    write_atomically(path, lambda fh: np.save(fh, array, allow_pickle=False))
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` whole or not at all: ``write`` fills a temporary file
-    beside it, which is fsynced and renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """One cache entry, whole or not at all (``ValueError`` for an array
+    that needs pickle, which is refused)."""
+    atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))

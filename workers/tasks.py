@@ -2,9 +2,14 @@
 
 ``run_job`` (cpu queue) runs the job's load and preprocess stages of
 :mod:`workers.pipeline`, then hands the job to ``infer_job`` (gpu queue) when
-a model applies to it; ``infer_job`` runs the rest. Transient errors
-(database or broker unavailable, I/O) are retried with backoff and jitter,
-a bounded number of times; anything else fails the job with its reason.
+a model applies to it; ``infer_job`` runs the rest. The task layer decides the
+hand-offs from what the pipeline returns (whether models apply, whether export
+rows were queued); the pipeline never calls a task. Transient errors
+(:func:`celery_app.is_transient`: database or broker unavailable, Out of
+Resources, I/O) are retried with Celery's backoff and jitter, a bounded number
+of times; anything else fails the job with its reason. Job transitions go
+through :mod:`pacsnode.db.jobs`. Names and time limits:
+:mod:`pacsnode.core.taskdefs`.
 
 ``export_due`` (cpu queue) sends the export rows that are due
 (:func:`scp.export.run_due`); the dispatcher publishes it while due rows
@@ -14,43 +19,30 @@ exist, and :func:`publish_export_due` asks for it at once.
 from __future__ import annotations
 
 import logging
-import random
 from functools import cache
 
 from celery import Task
-from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from pacsnode.core.errors import PacsnodeError
 from pacsnode.core.settings import Settings, load_settings
+from pacsnode.core.taskdefs import EXPORT_DUE, INFER_JOB, RUN_JOB
+from pacsnode.db import jobs
 from pacsnode.db.session import create_db_engine
 from pacsnode.scp.export import run_due
-from pacsnode.workers import jobstate, pipeline
-from pacsnode.workers.celery_app import CPU_QUEUE, GPU_QUEUE, make_app
+from pacsnode.workers import pipeline
+from pacsnode.workers.celery_app import (
+    CPU_QUEUE,
+    GPU_QUEUE,
+    RETRY_OPTIONS,
+    make_app,
+    may_retry,
+    retry_later,
+)
 
 log = logging.getLogger(__name__)
 
 app = make_app(load_settings())
-
-MAX_RETRIES = 5
-
-
-def is_transient(exc: BaseException) -> bool:
-    """The one retry decision: worth trying again later?"""
-    if isinstance(exc, PacsnodeError):
-        return False  # bad geometry, undecodable pixels: retrying cannot help
-    if isinstance(exc, OperationalError | KombuOperationalError | ConnectionError | TimeoutError):
-        return True
-    if isinstance(exc, DBAPIError):
-        return bool(exc.connection_invalidated)
-    return False
-
-
-def retry_delay(retries: int) -> float:
-    """Exponential backoff (1, 2, 4 … 60 s) with jitter, so workers that hit
-    the same outage do not all come back at the same moment."""
-    return float(min(2**retries, 60)) * random.uniform(0.5, 1.0)
 
 
 @cache
@@ -65,29 +57,40 @@ def _settings() -> Settings:
 
 
 def _run_stages(task: Task, job_id: int, stages: tuple[str, ...]) -> pipeline.JobContext | None:
-    """Run ``stages`` of the job; on error retry (transient) or fail the job.
-    Returns the context, or None when the job failed."""
+    """Run ``stages`` of the job; ask a worker to send the exports it queued;
+    on error retry (transient) or fail the job. Returns the context, or None
+    when the job failed."""
     engine = _engine()
     try:
-        return pipeline.run(job_id, engine, _settings(), stages)
+        ctx = pipeline.run(job_id, engine, _settings(), stages)
+        if ctx.exports_queued:
+            publish_export_due()
+        pipeline.raise_fusion_errors(ctx)
+        return ctx
     except Exception as exc:
-        if is_transient(exc) and task.request.retries < MAX_RETRIES:
+        if may_retry(task, exc):
             log.warning("job %d: transient %s, retrying", job_id, type(exc).__name__)
-            raise task.retry(exc=exc, countdown=retry_delay(task.request.retries)) from exc
+            raise retry_later(task, exc) from exc
         reason = str(exc) if isinstance(exc, PacsnodeError) else type(exc).__name__
         log.error("job %d failed: %s", job_id, reason)
         with engine.begin() as conn:
-            jobstate.mark_failed(conn, job_id, reason)
+            jobs.mark_failed(conn, job_id, reason)
         return None
 
 
-@app.task(bind=True, name="pacsnode.run_job", max_retries=MAX_RETRIES)
+@app.task(
+    bind=True,
+    name=RUN_JOB.name,
+    time_limit=RUN_JOB.time_limit_s,
+    soft_time_limit=RUN_JOB.soft_time_limit_s,
+    **RETRY_OPTIONS,
+)
 def run_job(self: Task, job_id: int) -> None:
     """cpu queue: load and preprocess; then the models' part goes to the gpu
     queue, or the job is done when no model applies."""
     engine = _engine()
     with engine.begin() as conn:
-        jobstate.mark_running(conn, job_id)
+        jobs.mark_running(conn, job_id)
     ctx = _run_stages(self, job_id, pipeline.CPU_STAGES)
     if ctx is None:
         return
@@ -95,46 +98,48 @@ def run_job(self: Task, job_id: int) -> None:
         try:
             infer_job.apply_async(args=[job_id], queue=GPU_QUEUE)
         except Exception as exc:  # broker unreachable: try the whole task again
-            if self.request.retries < MAX_RETRIES:
-                raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+            if self.request.retries < self.max_retries:
+                raise retry_later(self, exc) from exc
             raise
         return
     with engine.begin() as conn:
-        jobstate.mark_succeeded(conn, job_id)
+        jobs.mark_succeeded(conn, job_id)
 
 
-@app.task(bind=True, name="pacsnode.infer_job", max_retries=MAX_RETRIES)
+@app.task(
+    bind=True,
+    name=INFER_JOB.name,
+    time_limit=INFER_JOB.time_limit_s,
+    soft_time_limit=INFER_JOB.soft_time_limit_s,
+    **RETRY_OPTIONS,
+)
 def infer_job(self: Task, job_id: int) -> None:
     """gpu queue: every stage; load and preprocess mostly read what the cpu
     task cached (data_dir is shared by the node's workers)."""
     if _run_stages(self, job_id, pipeline.ALL_STAGES) is None:
         return
     with _engine().begin() as conn:
-        jobstate.mark_succeeded(conn, job_id)
-
-
-# export_due's hard limit (db.exports.LEASE_S is this plus a minute: a claim
-# older than that lost its worker); run_due stops claiming long before it.
-EXPORT_TIME_LIMIT_S = 600
-EXPORT_TASK = "pacsnode.export_due"
+        jobs.mark_succeeded(conn, job_id)
 
 
 @app.task(
     bind=True,
-    name=EXPORT_TASK,
-    max_retries=MAX_RETRIES,
-    time_limit=EXPORT_TIME_LIMIT_S,
-    soft_time_limit=EXPORT_TIME_LIMIT_S - 60,
+    name=EXPORT_DUE.name,
+    time_limit=EXPORT_DUE.time_limit_s,
+    soft_time_limit=EXPORT_DUE.soft_time_limit_s,
+    **RETRY_OPTIONS,
 )
 def export_due(self: Task) -> None:
     """cpu queue: send every due export row. Idempotent: it only sends what
-    it claims, so a duplicate or redelivered message finds nothing to do."""
+    it claims, so a duplicate or redelivered message finds nothing to do.
+    Its claims outlive it by a minute (``EXPORT_LEASE_S``), so a worker that
+    dies mid-send loses nothing."""
     try:
         summary = run_due(_engine(), _settings())
     except Exception as exc:
-        if is_transient(exc) and self.request.retries < MAX_RETRIES:
+        if may_retry(self, exc):
             log.warning("export_due: transient %s, retrying", type(exc).__name__)
-            raise self.retry(exc=exc, countdown=retry_delay(self.request.retries)) from exc
+            raise retry_later(self, exc) from exc
         # Claimed rows go back to due when their lease ends; nothing is lost.
         log.exception("export_due failed")
         return

@@ -12,7 +12,8 @@ ImageOrientationPatient is the row direction (increasing column index, array
 axis x), the second the column direction (increasing row index, axis y), and
 PixelSpacing is (row spacing, column spacing) = (y, x). Slices are sorted
 ascending along ``normal = cross(row, column)``, so ``array[k, j, i]`` lies at
-``origin + i·dx·row + j·dy·column + k·dz·normal``.
+``origin + i·dx·row + j·dy·column + k·dz·normal`` (:class:`workers.geometry.Grid`,
+which also converts to highdicom's ``VolumeGeometry``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, iter_pixels
 
-from pacsnode.workers.errors import GeometryError, PixelDataError, PreprocessError
+from pacsnode.core.errors import GeometryError, PixelDataError, PreprocessError
+from pacsnode.workers.geometry import Grid
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +51,54 @@ class Volume:
     """One series as a regular grid. ``eq=False``: arrays do not compare or hash.
 
     ``array`` is float32 (z, y, x) in modality units (after Rescale or the
-    Modality LUT, PS3.3 C.11.1); ``spacing`` is (z, y, x) in mm; ``origin`` is
-    the patient-coordinate (x, y, z) ImagePositionPatient of ``array[0, 0, 0]``;
-    ``direction`` rows are the row cosine, column cosine and slice normal.
-    ``sop_instance_uids`` has one entry per slice, in slice order; for
-    multi-frame inputs ``frame_numbers`` gives the 1-based frame of each slice
-    (PS3.3 C.7.6.6) and is empty for single-frame series. Both arrays are
-    read-only.
+    Modality LUT, PS3.3 C.11.1), read-only when loaded; ``grid`` its geometry
+    (shape, spacing (z, y, x) in mm, origin: the patient (x, y, z)
+    ImagePositionPatient of ``array[0, 0, 0]``, direction, Frame of Reference
+    UID), also reachable as ``spacing``, ``origin``, ``direction`` and
+    ``frame_of_reference_uid``. ``sop_instance_uids`` has one entry per
+    slice, in slice order; for multi-frame inputs ``frame_numbers`` gives the
+    1-based frame of each slice (PS3.3 C.7.6.6) and is empty for
+    single-frame series. Raises ``ValueError`` when the grid's shape is not
+    the array's.
     """
 
     array: np.ndarray
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: np.ndarray
-    frame_of_reference_uid: str
+    grid: Grid
     series_instance_uid: str
     modality: str
     sop_instance_uids: tuple[str, ...]
     units: str
     frame_numbers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if tuple(self.array.shape) != self.grid.shape:
+            raise ValueError(f"array shape {self.array.shape} is not the grid's {self.grid.shape}")
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.grid.spacing
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        return self.grid.origin
+
+    @property
+    def direction(self) -> np.ndarray:
+        return self.grid.direction
+
+    @property
+    def frame_of_reference_uid(self) -> str:
+        return self.grid.frame_of_reference_uid
+
+    def to_highdicom(self) -> hd.Volume:
+        """This volume as a :class:`highdicom.Volume` (patient coordinates,
+        same array). Raises :class:`GeometryError`, naming the series, when
+        its directions are not orthogonal within highdicom's tolerance."""
+        try:
+            geometry = self.grid.to_highdicom()
+        except GeometryError as exc:
+            raise GeometryError(f"series {self.series_instance_uid}: {exc}") from exc
+        return geometry.with_array(self.array)
 
 
 @dataclass
@@ -159,16 +191,17 @@ def load_series(paths: Sequence[Path]) -> Volume:
         _decode_into(array, file, slot)
     array.flags.writeable = False
     row, col = frames[0].orientation[:3], frames[0].orientation[3:]
-    normal = np.cross(row, col)
-    direction = np.stack([row, col, normal / np.linalg.norm(normal)])
-    direction.flags.writeable = False
     (dy, dx), (x0, y0, z0) = frames[0].pixel_spacing, map(float, frames[0].position)
+    grid = Grid(
+        (len(frames), rows, columns),
+        (z_step, dy, dx),
+        (x0, y0, z0),
+        (tuple(map(float, row)), tuple(map(float, col))),  # type: ignore[arg-type]
+        files[0].frame_of_reference_uid,
+    )
     volume = Volume(
         array=array,
-        spacing=(z_step, dy, dx),
-        origin=(x0, y0, z0),
-        direction=direction,
-        frame_of_reference_uid=files[0].frame_of_reference_uid,
+        grid=grid,
         series_instance_uid=series_uid,
         modality=files[0].modality,
         sop_instance_uids=tuple(f.sop_instance_uid for f in frames),

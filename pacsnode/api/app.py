@@ -12,7 +12,9 @@ from sqlalchemy import Engine
 
 from pacsnode.api import dashboard, metrics
 from pacsnode.api.deps import require_read
+from pacsnode.api.errors import pacsnode_error_response
 from pacsnode.api.routes import exports, health, jobs, models, results, stats, studies
+from pacsnode.core.errors import PacsnodeError
 from pacsnode.core.settings import Settings
 from pacsnode.db.session import create_db_engine
 
@@ -39,6 +41,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             )
         return await call_next(request)
 
+    # Every deliberate error answers with the HTTP status its class declares.
+    app.add_exception_handler(PacsnodeError, pacsnode_error_response)
     app.state.settings = settings
     app.state.engine = engine or create_db_engine(settings.effective_database_url)
     api = APIRouter(prefix=API_PREFIX)

@@ -28,6 +28,8 @@ from pacsnode.api.deps import (
 )
 from pacsnode.api.overlay import key_image
 from pacsnode.api.routes.common import audited
+from pacsnode.core.errors import NotFound
+from pacsnode.core.states import RETRYABLE_EXPORT_STATES, JobState
 from pacsnode.db.admin import list_jobs, retry_jobs
 from pacsnode.db.exports import known_destinations, retry_exports
 from pacsnode.db.modelswitch import list_models
@@ -118,7 +120,7 @@ def overview(request: Request, settings: SettingsDep, engine: EngineDep) -> HTML
     principal = _principal(request, settings, engine)
     with audited(engine, principal, "ui.overview") as conn:
         figures = node_stats(conn)
-        failed = list_jobs(conn, state="failed", limit=10)
+        failed = list_jobs(conn, state=JobState.FAILED, limit=10)
     return _page(
         request,
         "overview.html",
@@ -169,7 +171,7 @@ def study(request: Request, settings: SettingsDep, engine: EngineDep, uid: str) 
     with audited(engine, principal, "ui.study", target=uid[:64]) as conn:
         found = get_study(conn, uid)
         if found is None:
-            raise HTTPException(404, detail="study not found")
+            raise NotFound("study not found")
         series = list_series(conn, study_instance_uid=uid, limit=200).items
         flt = ResultFilter(study_instance_uid=uid)
         findings = list_findings(conn, flt, limit=200).items
@@ -194,7 +196,7 @@ def study_image(request: Request, settings: SettingsDep, engine: EngineDep, uid:
         pass
     png = key_image(engine, settings, uid)
     if png is None:
-        raise HTTPException(404, detail="the study has no volume series")
+        raise NotFound("the study has no volume series")
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
@@ -239,7 +241,7 @@ def export_retry(
     principal = _principal(request, settings, engine, admin=True)
     now = datetime.now(UTC)
     with audited(engine, principal, "exports.retry", target=f"export:{export_id}") as conn:
-        for state in ("failed", "retrying"):
+        for state in RETRYABLE_EXPORT_STATES:
             retry_exports(
                 conn,
                 now=now,

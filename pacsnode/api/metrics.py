@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 
 from pacsnode.core.settings import Settings
+from pacsnode.core.states import ExportState
 from pacsnode.db.admin import JOB_STATES
 from pacsnode.db.exports import STATES as EXPORT_STATES
 from pacsnode.db.models import AuditEvent, Export, Instance, Job
@@ -46,7 +47,7 @@ class DatabaseCollector(Collector):
             exports = grouped(conn, Export.id, Export.state)
             export_failures = conn.execute(
                 select(func.count(AuditEvent.id)).where(
-                    AuditEvent.action == "export.attempt", AuditEvent.outcome != "sent"
+                    AuditEvent.action == "export.attempt", AuditEvent.outcome != ExportState.SENT
                 )
             ).scalar_one()
             timings = timing_values(conn)

@@ -63,7 +63,7 @@ def key_image(engine: Engine, settings: Settings, study_instance_uid: str) -> by
     array = np.asarray(volume.array)
     mask = None
     if segment is not None:
-        with np.load(settings.data_dir / "results" / segment.mask_path) as data:
+        with np.load(settings.layout.results / segment.mask_path) as data:
             key = f"segment_{segment.segment_number}"
             if key in data and data[key].shape == array.shape:
                 mask = data[key].astype(bool)

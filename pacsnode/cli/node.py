@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from pacsnode.cli.common import err, node_settings, out
+from pacsnode.cli.common import err, node_settings, out, scu_failure
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
@@ -63,7 +63,8 @@ def echo(
         ae_title, host, port = parse_target(target)
         elapsed = send_echo(calling_ae or settings.ae_title, ae_title, host, port, timeout)
     except (EchoError, ValueError) as exc:
-        err.print(f"[red]C-ECHO {target}: {exc}[/red]", highlight=False)
+        reason = scu_failure(exc, calling_ae or settings.ae_title)
+        err.print(f"[red]C-ECHO {target}: {reason}[/red]", highlight=False)
         raise typer.Exit(1) from None
     out.print(f"C-ECHO {target}: success ({elapsed * 1000:.0f} ms)", highlight=False)
 

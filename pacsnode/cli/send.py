@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from pacsnode.cli.common import err, out
+from pacsnode.cli.common import err, out, scu_failure
 
 SHOWN = 20  # failures and skipped files listed one by one; the rest counted
 
@@ -55,7 +55,9 @@ def send(
                 progress=lambda n: progress.advance(task, n), timeout=timeout,
             )  # fmt: skip
         except SendFilesError as exc:
-            err.print(f"[red]C-STORE {target}: {exc}[/red]", highlight=False)
+            err.print(
+                f"[red]C-STORE {target}: {scu_failure(exc, calling_ae)}[/red]", highlight=False
+            )
             raise typer.Exit(1) from None
     for path, why in report.skipped[:SHOWN]:
         out.print(f"  skipped: {path}: {why}", highlight=False)

@@ -1,30 +1,98 @@
-"""The one exception hierarchy of pacsnode.
+"""The one exception hierarchy of pacsnode, and each error's disposition.
 
-Every error the node raises on purpose derives from :class:`PacsnodeError`.
-Each part of the node maps these classes to its own protocol in one function:
-``scp.status.dimse_status`` for DICOM statuses; later the HTTP API and the
-Celery retry policy do the same for HTTP statuses and retry decisions.
+Every error the node raises on purpose derives from :class:`PacsnodeError`
+and declares once, as class attributes, what it means to each protocol:
+
+``transient``
+    True when the same work may succeed later (an outage, a full disk, an
+    unreachable peer); False when repeating it on the same input gives the
+    same error.
+``dimse_status``
+    The DIMSE failure status (:class:`DimseStatus`) a DICOM peer is answered
+    with when this error ends its request.
+``http_status``
+    The HTTP status the admin API answers with (:class:`http.HTTPStatus`).
+
+One function per protocol reads the declaration, and nothing else decides:
+``pacsnode.scp.status.dimse_status`` / ``qr_failure_status`` (DICOM),
+``pacsnode.workers.tasks.is_transient`` (the Celery retry decision) and
+``pacsnode.api.errors.pacsnode_error_response`` (the one FastAPI exception
+handler). Each of them also decides, in the same place, what a foreign
+exception (``OSError``, a SQLAlchemy ``OperationalError``…) means to it.
+``tests/test_errors.py`` checks that every class declares its disposition and
+that the readers agree with it. The table is in
+docs/architecture-errors-and-lifecycles.md.
+
+Messages name studies, series and instances by UID, never patients by name
+or ID, so they can be logged, stored in job rows and sent to peers as they are.
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
+from http import HTTPStatus
+from typing import ClassVar
+
+
+class DimseStatus(IntEnum):
+    """The DIMSE failure statuses an error can declare.
+
+    A code means the same in the Storage (PS3.4 B.2.3) and the Query/Retrieve
+    (PS3.4 C.4) service classes; ``pacsnode.scp.status`` names each service's
+    statuses (``StoreStatus``, ``QRStatus``) and turns these into them."""
+
+    # Refused: Out of Resources. The peer may try again later.
+    OUT_OF_RESOURCES = 0xA700
+    # Error: Data Set (C-STORE) / Identifier (C-FIND, C-MOVE, C-GET) does not match SOP Class.
+    DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    # Error: Cannot understand (C-STORE) / Failed: Unable to process (Q/R).
+    CANNOT_UNDERSTAND = 0xC000
+    # PS3.7 C.4.2: Failure, Processing failure (a C-STORE that failed inside pacsnode).
+    PROCESSING_FAILURE = 0x0110
+
 
 class PacsnodeError(Exception):
-    """Root of every error pacsnode raises deliberately."""
+    """Root of every error pacsnode raises deliberately.
+
+    Its disposition is the one for "something inside pacsnode failed":
+    permanent, Processing failure, 500. Every direct subclass declares its own.
+    """
+
+    transient: ClassVar[bool] = False
+    dimse_status: ClassVar[DimseStatus] = DimseStatus.PROCESSING_FAILURE
+    http_status: ClassVar[HTTPStatus] = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+# -- configuration ----------------------------------------------------------------
 
 
 class ConfigError(PacsnodeError):
     """The configuration is invalid; the message names the offending key."""
 
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.INTERNAL_SERVER_ERROR
+
 
 class ModelConfigError(ConfigError):
-    """A model manifest or its weights file is invalid (``models.registry``);
-    the message names the manifest file and the key. Raised at start-up, so
-    the node never runs a model it cannot vouch for."""
+    """A model manifest or its weights file is invalid (``models.registry``),
+    or an administrator named a model that is not installed; the message names
+    the manifest file and the key. Raised at start-up, so the node never runs
+    a model it cannot vouch for; through the API a conflict with what is
+    installed (409)."""
+
+    http_status = HTTPStatus.CONFLICT
+
+
+# -- receiving instances (C-STORE) --------------------------------------------------
 
 
 class IngestError(PacsnodeError):
     """An instance offered by a peer could not be accepted."""
+
+    transient = False
+    dimse_status = DimseStatus.CANNOT_UNDERSTAND
+    http_status = HTTPStatus.BAD_REQUEST
 
 
 class InvalidDataset(IngestError):
@@ -39,10 +107,158 @@ class NonConformantDataset(IngestError):
     request's Affected SOP Instance UID.
     """
 
+    dimse_status = DimseStatus.DOES_NOT_MATCH_SOP_CLASS
+    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+
 
 class OutOfResources(IngestError):
-    """The node cannot store now (disk watermark, index unavailable): transient."""
+    """The node cannot store or work now (disk watermark, index unavailable):
+    "later" to a DICOM sender (0xA700), to a worker (the task is retried) and
+    to an HTTP client (503)."""
+
+    transient = True
+    dimse_status = DimseStatus.OUT_OF_RESOURCES
+    http_status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
 class IndexUnavailable(OutOfResources):
     """The database did not commit the index rows."""
+
+
+# -- query/retrieve and the query layer ------------------------------------------------
+
+
+class InvalidQuery(PacsnodeError):
+    """The identifier of a C-FIND, C-MOVE or C-GET cannot be answered as sent
+    (PS3.4 C.4.1.1.4: Identifier does not match SOP Class); ``keyword`` names
+    the offending attribute when there is one."""
+
+    transient = False
+    dimse_status = DimseStatus.DOES_NOT_MATCH_SOP_CLASS
+    http_status = HTTPStatus.BAD_REQUEST
+
+    def __init__(self, message: str, keyword: str | None = None) -> None:
+        super().__init__(message)
+        self.keyword = keyword
+
+
+class IndexQueryError(PacsnodeError):
+    """The index could not be read (database unavailable): transient."""
+
+    transient = True
+    dimse_status = DimseStatus.OUT_OF_RESOURCES
+    http_status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class NotFound(PacsnodeError):
+    """The study, job or export named does not exist."""
+
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.NOT_FOUND
+
+
+class StateConflict(PacsnodeError):
+    """An action does not apply to a row in its present state, e.g. retrying a
+    job that does not exist or has not failed."""
+
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.CONFLICT
+
+
+class InvalidRequest(PacsnodeError):
+    """Parameters that are each valid but contradict each other (a time range
+    whose start is after its end)."""
+
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+# -- the pipeline: preprocessing (series → volume → model input) ---------------------
+
+
+class PreprocessError(PacsnodeError):
+    """A series could not be turned into a model input. Permanent for the
+    given input: re-running the job on the same files gives the same error."""
+
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+class GeometryError(PreprocessError):
+    """The instances do not form one regular, decodable 3-D volume.
+
+    Raised for mixed series, inconsistent orientation, spacing or matrix size,
+    missing geometry attributes, duplicate or missing slices, sheared stacks
+    (gantry tilt) and undecodable pixel data.
+    """
+
+
+class PixelDataError(GeometryError):
+    """A slice's pixel data cannot be decoded (names the SOP Instance UID and
+    transfer syntax).
+
+    Not a geometry problem in the strict sense, but it has the same consequence
+    (the series cannot become a volume), so it subclasses :class:`GeometryError`
+    and callers that catch that class catch this too.
+    """
+
+
+class CoregistrationError(PreprocessError):
+    """Two series cannot share one grid: different Frames of Reference
+    (PS3.3 C.7.4.1) and no registration between them, or no overlap."""
+
+
+# -- the pipeline: models, fusion, encoding --------------------------------------------
+
+
+class ModelLoadError(PacsnodeError):
+    """A model file is missing, unreadable, of another architecture, or its
+    SHA-256 differs from the manifest's. Permanent: never retried."""
+
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+class ModelInputError(PacsnodeError):
+    """An input array does not have the shape the model accepts. Permanent."""
+
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+class FusionError(PacsnodeError):
+    """A fusion model could not combine the series of a study. Permanent: the
+    job fails with the reason after the other models' results were written."""
+
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+class EncodeError(PacsnodeError):
+    """Results that cannot become DICOM objects: a model no longer installed,
+    a mask that does not fit its series. Permanent: never retried."""
+
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+# -- outgoing associations ---------------------------------------------------------------
+
+
+class ScuError(PacsnodeError):
+    """An outgoing DICOM operation failed: no association (unreachable,
+    rejected: :mod:`pacsnode.scp.scu` subclasses carry the A-ASSOCIATE-RJ
+    result, source and reason), or no Success for a C-ECHO. The message names
+    the peer. The peer may accept later."""
+
+    transient = True
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.BAD_GATEWAY

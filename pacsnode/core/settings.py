@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pacsnode.core.errors import ConfigError
+from pacsnode.core.layout import DataLayout
 from pacsnode.core.tls import ClientTLS, ServerTLS
 
 CONFIG_ENV = "PACSNODE_CONFIG"
@@ -401,13 +402,18 @@ class Settings(BaseSettings):
                     )
         return self
 
+    @property
+    def layout(self) -> DataLayout:
+        """Where each kind of file lives under ``data_dir``."""
+        return DataLayout(self.data_dir)
+
     @cached_property
     def effective_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'pacsnode.db'}"
+        return self.database_url or f"sqlite:///{self.layout.database}"
 
     @property
     def spool_dir(self) -> Path:
-        return self.data_dir / "spool"
+        return self.layout.spool
 
     @property
     def effective_scp_processes(self) -> int:

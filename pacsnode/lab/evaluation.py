@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from pacsnode.core.layout import atomic_write
 
 if TYPE_CHECKING:
     from pacsnode.models.runtime import LoadedModel
@@ -334,11 +334,7 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> list[Path]:
         "cases": evaluation.cases,
     }
     path = out / "report.json"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".report-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(report), f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
     paths = [path]
     labels, scores = evaluation.labels, evaluation.scores
     if labels is not None and scores is not None and 0 < np.sum(labels) < len(labels):

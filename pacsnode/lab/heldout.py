@@ -42,6 +42,7 @@ from pacsnode.lab.evaluation import (
 from pacsnode.lab.fusion_eval import evaluate_fusion
 from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.models.registry import RegisteredModel, Registry
+from pacsnode.workers.geometry import Grid
 from pacsnode.workers.preprocess import preprocess
 from pacsnode.workers.volume import Volume
 
@@ -121,10 +122,12 @@ def _noise_volume(grid: data.CtGrid, index: int) -> Volume:
         array = array / array.std() * rng.uniform(50, 400) + rng.uniform(-100, 200)
     return Volume(
         array=array.astype(np.float32),
-        spacing=(grid.slice_mm, grid.pixel_mm, grid.pixel_mm),
-        origin=(0.0, 0.0, 0.0),
-        direction=np.eye(3),
-        frame_of_reference_uid="noise",
+        grid=Grid(
+            shape,
+            (grid.slice_mm, grid.pixel_mm, grid.pixel_mm),
+            (0.0, 0.0, 0.0),
+            frame_of_reference_uid="noise",
+        ),
         series_instance_uid=f"2.25.{index + 1}",
         modality="CT",
         sop_instance_uids=tuple(f"2.25.{index + 1}.{k}" for k in range(shape[0])),

@@ -18,7 +18,7 @@ start at :data:`VALIDATION_SEED`, held-out studies (``pacsnode evaluate``) at
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -89,10 +89,7 @@ def volume_of(image: SeriesImage, values: np.ndarray | None = None) -> Volume:
     array = image.array if values is None else values
     return Volume(
         array=np.asarray(array, dtype=np.float32),
-        spacing=grid.spacing,
-        origin=grid.origin,
-        direction=grid.direction,
-        frame_of_reference_uid="phantom",
+        grid=replace(grid, frame_of_reference_uid="phantom"),
         series_instance_uid=image.series_instance_uid,
         modality=image.modality,
         sop_instance_uids=tuple(image.sop_instance_uid(k) for k in range(grid.shape[0])),

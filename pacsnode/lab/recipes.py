@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,6 +50,7 @@ import numpy as np
 import yaml
 from rich.progress import Progress
 
+from pacsnode.core.layout import atomic_write
 from pacsnode.lab import recipe_data as data
 from pacsnode.models.inputspec import PreprocessSpec
 from pacsnode.models.manifest import ModelManifest, read_manifest
@@ -609,14 +608,7 @@ def manifest_data(
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, text)
 
 
 def train_model(

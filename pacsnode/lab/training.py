@@ -31,8 +31,6 @@ weights) and returns their SHA-256 for the manifest.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +48,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from pacsnode.core.layout import atomic_path
 from pacsnode.lab import evaluation
 from pacsnode.models import architectures
 from pacsnode.models.runtime import dtype_policy, file_sha256
@@ -551,16 +550,9 @@ def save_weights(model: keras.Model, path: str | Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = keras.models.clone_model(model)
     fresh.set_weights(_weights(model))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".weights.h5")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            # Keras 3.15 converts variables with np.array(), which TensorFlow's
-            # __array__ answers with a numpy 2 deprecation notice; harmless.
-            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-            fresh.save_weights(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=".weights.h5") as tmp, warnings.catch_warnings():
+        # Keras 3.15 converts variables with np.array(), which TensorFlow's
+        # __array__ answers with a numpy 2 deprecation notice; harmless.
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        fresh.save_weights(tmp)
     return file_sha256(path)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
-from fastapi import HTTPException, Query
+from fastapi import Query
 from sqlalchemy import Connection, Engine
 
 from pacsnode.api.deps import Principal
@@ -51,7 +51,3 @@ def _plain(detail: Mapping[str, Any] | None) -> dict[str, Any]:
 def page_out(page: Page[T], convert: Callable[[T], Any] | None = None) -> dict[str, Any]:
     items = [convert(i) for i in page.items] if convert else page.items
     return {"items": items, "total": page.total, "limit": page.limit, "offset": page.offset}
-
-
-def not_found(what: str) -> HTTPException:
-    return HTTPException(404, detail=f"{what} not found")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, Path, Query
 
 from pacsnode.api.deps import AdminDep, EngineDep, ReadDep
 from pacsnode.api.routes.common import Limit, Offset, audited, page_out
 from pacsnode.api.schemas import ActionPublic, JobRetryCreate, PagePublic
+from pacsnode.core.errors import StateConflict
 from pacsnode.db.admin import JOB_STATES, JobRow, list_jobs, retry_jobs
 
 router = APIRouter(tags=["jobs"])
@@ -50,5 +51,5 @@ def retry_one(principal: AdminDep, engine: EngineDep, job_id: JobId) -> Any:
     with audited(engine, principal, "jobs.retry", target=f"job:{job_id}") as conn:
         ids = retry_jobs(conn, [job_id])
     if not ids:
-        raise HTTPException(409, detail=f"job {job_id} does not exist or has not failed")
+        raise StateConflict(f"job {job_id} does not exist or has not failed")
     return ActionPublic(action="retry", count=1, ids=ids)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 
 from pacsnode.api.deps import AdminDep, EngineDep, ReadDep, SettingsDep
 from pacsnode.api.routes.common import Limit, Offset, audited
 from pacsnode.api.schemas import ActionPublic, PagePublic
-from pacsnode.core.errors import ModelConfigError
 from pacsnode.db.modelswitch import list_models, switch_model
 
 router = APIRouter(tags=["models"])
@@ -41,11 +40,9 @@ def _switch(
 ) -> ActionPublic:
     action = "models.enable" if enabled else "models.disable"
     target = f"{name}@{version}" if version else name
-    try:
-        with audited(engine, principal, action, target=target[:128]) as conn:
-            switch_model(conn, settings, name, version, enabled, principal.actor.name)
-    except ModelConfigError as exc:
-        raise HTTPException(409, detail=str(exc)) from None
+    # An unknown model raises ModelConfigError: 409 (pacsnode.api.errors).
+    with audited(engine, principal, action, target=target[:128]) as conn:
+        switch_model(conn, settings, name, version, enabled, principal.actor.name)
     return ActionPublic(action=action, count=1)
 
 

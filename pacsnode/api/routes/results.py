@@ -8,11 +8,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 
 from pacsnode.api.deps import EngineDep, ReadDep
 from pacsnode.api.routes.common import Limit, Offset, Text, audited, page_out
 from pacsnode.api.schemas import PagePublic
+from pacsnode.core.errors import InvalidRequest
 from pacsnode.db.admin import FindingRow, ResultFilter, SegmentRow, list_findings, list_segments
 
 router = APIRouter(tags=["results"])
@@ -103,7 +104,7 @@ def _read(
     action: str, principal: Any, engine: Any, flt: ResultFilter, limit: int, offset: int, query: Any
 ) -> Any:
     if flt.since and flt.until and flt.since > flt.until:
-        raise HTTPException(422, detail="since is after until")
+        raise InvalidRequest("since is after until")
     detail = {**flt.__dict__, "limit": limit, "offset": offset}
     with audited(engine, principal, action, detail=detail) as conn:
         page = query(conn, flt, limit=limit, offset=offset)

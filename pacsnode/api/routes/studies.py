@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 
 from pacsnode.api.deps import AdminDep, EngineDep, ReadDep
-from pacsnode.api.routes.common import DicomDate, Limit, Offset, Text, audited, not_found, page_out
+from pacsnode.api.routes.common import DicomDate, Limit, Offset, Text, audited, page_out
 from pacsnode.api.schemas import ActionPublic, PagePublic
-from pacsnode.db.admin import NotFound, reprocess_study
+from pacsnode.core.errors import NotFound
+from pacsnode.db.admin import reprocess_study
 from pacsnode.db.queries import (
     STUDY_STATUSES,
     SeriesSummary,
@@ -51,18 +52,16 @@ def study(principal: ReadDep, engine: EngineDep, study_instance_uid: str) -> Any
     with audited(engine, principal, "studies.read", target=study_instance_uid[:64]) as conn:
         found = get_study(conn, study_instance_uid)
     if found is None:
-        raise not_found("study")
+        raise NotFound("study not found")
     return found
 
 
 @router.post("/studies/{study_instance_uid}/reprocess", response_model=ActionPublic)
 def reprocess(principal: AdminDep, engine: EngineDep, study_instance_uid: str) -> Any:
-    """Write a new pending job for the study; the dispatcher queues it."""
-    try:
-        with audited(engine, principal, "studies.reprocess", target=study_instance_uid) as conn:
-            job_id = reprocess_study(conn, study_instance_uid)
-    except NotFound as exc:
-        raise HTTPException(404, detail=str(exc)) from None
+    """Write a new pending job for the study; the dispatcher queues it (404
+    for an unknown study)."""
+    with audited(engine, principal, "studies.reprocess", target=study_instance_uid) as conn:
+        job_id = reprocess_study(conn, study_instance_uid)
     return ActionPublic(action="reprocess", count=1, ids=[job_id])
 
 

@@ -17,7 +17,6 @@ the same seed gives the same pixel data and the same UIDs. Modules:
 
 from pacsnode.lab.phantom.anatomy import Tissue
 from pacsnode.lab.phantom.dicom import SeriesImage, StudyHeader, series_datasets
-from pacsnode.lab.phantom.geometry import Grid
 from pacsnode.lab.phantom.lesions import Focus, Lesion
 from pacsnode.lab.phantom.series import (
     SeriesSpec,
@@ -35,6 +34,7 @@ from pacsnode.lab.phantom.study import (
     study_datasets,
     write_study,
 )
+from pacsnode.workers.geometry import Grid
 
 __all__ = [
     "MASKS_FILE",

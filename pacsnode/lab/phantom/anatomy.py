@@ -19,7 +19,6 @@ from enum import IntEnum
 
 import numpy as np
 
-from pacsnode.lab.phantom.geometry import Grid
 from pacsnode.lab.phantom.shapes import (
     Bands,
     Cylinder,
@@ -30,6 +29,7 @@ from pacsnode.lab.phantom.shapes import (
     contains_points,
     paint,
 )
+from pacsnode.workers.geometry import Grid
 
 
 class Tissue(IntEnum):

@@ -27,7 +27,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from pacsnode.lab.phantom.geometry import Grid
+from pacsnode.workers.geometry import Grid
 
 # UIDs under the pydicom root, derived from the seed so runs are reproducible.
 PREFIX = "1.2.826.0.1.3680043.8.498."

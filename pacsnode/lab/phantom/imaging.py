@@ -17,9 +17,9 @@ import scipy.ndimage as ndi  # type: ignore[import-untyped]  # no scipy-stubs in
 from scipy.special import erf  # type: ignore[import-untyped]
 
 from pacsnode.lab.phantom.anatomy import PROPERTIES, Anatomy, Tissue
-from pacsnode.lab.phantom.geometry import Grid
 from pacsnode.lab.phantom.lesions import Focus, Lesion
 from pacsnode.lab.phantom.shapes import paint
+from pacsnode.workers.geometry import Grid
 
 CT_NOISE_HU = 10.0
 PT_NOISE = 0.15  # SD = PT_NOISE · sqrt(SUV): about 10 % in the liver

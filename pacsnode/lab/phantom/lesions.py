@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pacsnode.lab.phantom.anatomy import PROPERTIES, Anatomy, Tissue
-from pacsnode.lab.phantom.geometry import Grid
 from pacsnode.lab.phantom.shapes import Ellipsoid
+from pacsnode.workers.geometry import Grid
 
 SUBTLE_HU = 30.0  # |lesion - host| below this is "subtle" on CT
 DIAMETER_MM = (5.0, 30.0)  # largest diameter, log-uniform, in reference mm

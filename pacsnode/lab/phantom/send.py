@@ -9,20 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import code_to_category
 
-from pacsnode.core.errors import PacsnodeError
-from pacsnode.scp.status import explain_reject
+from pacsnode.scp import scu
 
-
-class SendError(PacsnodeError):
-    """No association: the peer is unreachable or rejected it."""
+#: No association: :class:`scu.AssociationRejected` (with the A-ASSOCIATE-RJ
+#: result, source and reason) or :class:`scu.NoAssociation`.
+SendError = scu.ScuError
 
 
 @dataclass
@@ -50,24 +45,12 @@ def send_datasets(
 
     ``sop_classes`` are proposed up front (one presentation context each);
     ``datasets`` may be a generator, so a large study need not be in memory at once.
+    Raises :class:`SendError` when there is no association.
     """
-    ae = AE(ae_title=calling_ae)
-    for sop_class in sop_classes:
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if assoc.is_rejected:
-        rj = cast(A_ASSOCIATE, assoc.acceptor.primitive)
-        raise SendError(
-            explain_reject(rj.result, rj.result_source, rj.diagnostic, calling_ae, called_ae)
-        )
-    if not assoc.is_established:
-        raise SendError(
-            f"no association with {called_ae}@{host}:{port} "
-            "(nothing listens there, or the peer aborted or timed out)"
-        )
+    peer = scu.Peer(called_ae, host, port)
+    contexts = [(sop_class, scu.UNCOMPRESSED) for sop_class in sop_classes]
     result = SendResult()
-    try:
+    with scu.associate(calling_ae, peer, contexts, timeout=timeout) as assoc:
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)
             if not assoc.is_established:
@@ -84,7 +67,4 @@ def send_datasets(
                     result.failed.append((uid, shown))
             if progress is not None:
                 progress(1)
-    finally:
-        if assoc.is_established:
-            assoc.release()
     return result

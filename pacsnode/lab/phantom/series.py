@@ -17,9 +17,9 @@ from pydicom.dataset import Dataset
 
 from pacsnode.lab.phantom.anatomy import build_anatomy
 from pacsnode.lab.phantom.dicom import SeriesImage, StudyHeader, series_datasets, uid
-from pacsnode.lab.phantom.geometry import Grid
 from pacsnode.lab.phantom.imaging import ct_hu, lesion_mask
 from pacsnode.lab.phantom.lesions import place_lesions
+from pacsnode.workers.geometry import Grid
 
 REFERENCE_FOV_MM = 400.0  # the anatomy's adult field of view, scaled to the series
 REFERENCE_Z_MM = -60.0  # anatomy level shown at the middle of the series

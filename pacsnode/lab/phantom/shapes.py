@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pacsnode.lab.phantom.geometry import Grid
+from pacsnode.workers.geometry import Grid
 
 Bounds = tuple[np.ndarray, np.ndarray]
 

@@ -33,9 +33,9 @@ from pacsnode.lab.phantom.dicom import (
     series_datasets,
     uid,
 )
-from pacsnode.lab.phantom.geometry import Grid
 from pacsnode.lab.phantom.imaging import ct_hu, lesion_mask, mr_signal, pt_suv
 from pacsnode.lab.phantom.lesions import Focus, Lesion, place_foci, place_lesions
+from pacsnode.workers.geometry import Grid
 
 MODALITIES = ("CT", "PT", "MR")
 TRUTH_FORMAT = "pacsnode-phantom-truth"
