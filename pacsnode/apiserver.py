@@ -30,8 +30,15 @@ def run_api(settings: Settings, stop: threading.Event, sock: socket.socket | Non
     from pacsnode.api import create_app
 
     sock = sock or bind_api(settings)
+    # log_config=None: keep pacsnode's handler (configure_logging); uvicorn's
+    # own lines only at WARNING unless log_level is DEBUG (pacsnode.core.logs).
+    debug = settings.log_level.upper() == "DEBUG"
     config = uvicorn.Config(
-        create_app(settings), log_level=settings.log_level.lower(), access_log=False, lifespan="off"
+        create_app(settings),
+        log_config=None,
+        log_level="debug" if debug else "warning",
+        access_log=debug,
+        lifespan="off",
     )
     # uvicorn handles SIGTERM/SIGINT while it serves (graceful shutdown), then
     # restores and re-raises them, so the caller's own handlers still run.

@@ -26,6 +26,7 @@ from pacsnode.core.logs import configure_logging
 from pacsnode.core.settings import Settings
 from pacsnode.db.migrate import upgrade
 from pacsnode.db.session import create_db_engine
+from pacsnode.firstrun import issue_link, needs_link, next_steps
 from pacsnode.scp import patches
 from pacsnode.scp.server import SCPSupervisor, Service
 from pacsnode.workers.assembler import run_assembler
@@ -75,7 +76,9 @@ def worker_service(settings: Settings, stop: threading.Event) -> None:
     from pacsnode.workers.celery_app import CPU_QUEUE, GPU_QUEUE
     from pacsnode.workers.tasks import app
 
-    app.worker_main(argv=worker_argv(f"{CPU_QUEUE},{GPU_QUEUE}", 1, settings.log_level))
+    # --quiet: no start-up banner, so the node's next steps stay in view.
+    quiet = [] if settings.log_level.upper() == "DEBUG" else ["--quiet"]
+    app.worker_main(argv=[*quiet, *worker_argv(f"{CPU_QUEUE},{GPU_QUEUE}", 1, settings.log_level)])
 
 
 def check_models(settings: Settings) -> Registry:
@@ -93,6 +96,17 @@ def check_models(settings: Settings) -> Registry:
         settings.models_dir,
     )
     return registry
+
+
+def first_hour(settings: Settings, dicom_port: int, api_url: str) -> list[str]:
+    """The next steps for the person who started the node, with a one-time
+    dashboard login link on a local first run (:mod:`pacsnode.firstrun`)."""
+    engine = create_db_engine(settings.effective_database_url)
+    try:
+        link = issue_link(settings, engine, api_url) if needs_link(settings, engine) else None
+    finally:
+        engine.dispose()
+    return next_steps(settings, dicom_port, api_url, link)
 
 
 def serve(settings: Settings, embedded_worker: bool = True) -> int:
@@ -138,8 +152,10 @@ def serve(settings: Settings, embedded_worker: bool = True) -> int:
     # One machine-readable line on stdout: tests and scripts wait for it.
     address = f"{settings.ae_title}@{settings.dicom_host}:{supervisor.port}"
     api_host, api_port = api_socket.getsockname()[:2]
-    print(f"pacsnode api: http://{api_host}:{api_port}", flush=True)
+    api_url = f"http://{api_host}:{api_port}"
+    print(f"pacsnode api: {api_url}", flush=True)
     print(f"pacsnode ready: {address}", flush=True)
+    print("\n".join(first_hour(settings, supervisor.port, api_url)), flush=True)
     supervisor.run()
     log.info("pacsnode stopped")
     return 0

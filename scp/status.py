@@ -51,6 +51,54 @@ CALLED_AE_NOT_RECOGNIZED = RejectReason((0x01, 0x01, 0x07))
 # Transient, by the DUL service provider (presentation related).
 LOCAL_LIMIT_EXCEEDED = RejectReason((0x02, 0x03, 0x02))
 
+# PS3.8 §9.3.4, Table 9-21: Result, Source and Reason/Diag. of A-ASSOCIATE-RJ.
+_REJECT_SOURCES = {
+    1: "DICOM UL service-user",
+    2: "DICOM UL service-provider (ACSE related)",
+    3: "DICOM UL service-provider (presentation related)",
+}
+_REJECT_REASONS: dict[tuple[int, int], str] = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognized",
+    (1, 7): "called AE title not recognized",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
+
+
+def explain_reject(
+    result: int | None, source: int | None, reason: int | None, calling_ae: str, called_ae: str
+) -> str:
+    """An A-ASSOCIATE-RJ (PS3.8 §9.3.4) in words, with what the requestor
+    can do about it. ``calling_ae`` is our AE title, ``called_ae`` the one
+    we asked for. Used by every SCU in pacsnode (echo, send, demo send), so
+    the hint is the same wherever a refusal is met; an unknown code is
+    shown as its number (a missing one as 0)."""
+    result, source, reason = result or 0, source or 0, reason or 0
+    words = _REJECT_REASONS.get((source, reason), f"reason {reason}")
+    kind = "permanently" if result == 1 else "for now" if result == 2 else f"(result {result})"
+    by = _REJECT_SOURCES.get(source, f"source {source}")
+    text = f"association rejected {kind} by the {by}: {words}"
+    if (source, reason) == (1, 3):
+        hint = (
+            f"the peer does not admit calling AE {calling_ae!r} from this machine; on pacsnode, "
+            f"add it under `peers` with this machine's address in `hosts`, or pass "
+            "--calling-ae with an AE title the peer admits"
+        )
+    elif (source, reason) == (1, 7):
+        hint = (
+            f"the peer's AE title is not {called_ae!r}: put its own AE title before the @ "
+            "(for pacsnode: its `ae_title`, shown in `pacsnode config show`)"
+        )
+    elif result == 2:
+        hint = "the peer is busy or at its association limit: try again later"
+    else:
+        return text
+    return f"{text}. Hint: {hint}"
+
 
 class QRStatus(IntEnum):
     """Query/Retrieve statuses (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4).

@@ -66,6 +66,7 @@ def dispatch_once(engine: Engine, app: Celery) -> int:
             break
         with engine.begin() as conn:
             jobs.mark_queued(conn, job_id)
+        log.info("job %d queued (%s queue)", job_id, CPU_QUEUE)
         published += 1
     return published
 

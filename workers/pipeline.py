@@ -445,6 +445,9 @@ def run(
         started = time.perf_counter()
         stage(ctx, engine)
         ctx.timings[name] = time.perf_counter() - started
+        log.info(
+            "job %d study %s: %s %.2fs", job_id, ctx.study_instance_uid, name, ctx.timings[name]
+        )
     # For the stats endpoint and /metrics (db.stats); the forward passes per model too.
     with engine.begin() as conn:
         record_timings(

@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import Engine
 
 from pacsnode.api import dashboard, metrics
@@ -51,6 +51,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(health.router)
     app.include_router(dashboard.router)
+
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        """People who open the node's address land on the dashboard."""
+        return RedirectResponse("/ui/", status_code=307)
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     def prometheus(request: Request) -> Response:

@@ -73,6 +73,39 @@ def login(
     return response
 
 
+@router.get("/login/once/{key}")
+def login_once(
+    request: Request,
+    settings: SettingsDep,
+    engine: EngineDep,
+    key: Annotated[str, PathParam(max_length=128)],
+) -> Response:
+    """The one-time link ``pacsnode serve`` prints on a local first run
+    (:mod:`pacsnode.firstrun`): signs this browser in with a new admin token."""
+    from pacsnode.db import audit
+    from pacsnode.firstrun import redeem
+
+    client = client_address(request)
+    token = redeem(settings, engine, key, client)
+    if token is None:
+        with engine.begin() as conn:
+            audit.record(
+                conn,
+                audit.Actor("api", "anonymous", client),
+                "ui.first_run_login",
+                outcome="denied",
+            )
+        error = (
+            "this login link is unknown or was already used: sign in with a token "
+            "(pacsnode tokens create --role admin --name NAME)"
+        )
+        return templates.TemplateResponse(request, "login.html", {"error": error}, status_code=403)
+    response = RedirectResponse("/ui/", status_code=303)
+    secure = request.url.scheme == "https"
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=secure, path="/")
+    return response
+
+
 @router.post("/logout")
 def logout() -> Response:
     response = RedirectResponse("/ui/login", status_code=303)

@@ -97,7 +97,7 @@ def require_read(request: Request, settings: SettingsDep, engine: EngineDep) -> 
     principal = authenticate(request, settings, engine)
     if principal is None:
         raise _deny(
-            request, engine, 401, "anonymous", "a valid bearer token is required (see README)"
+            request, engine, 401, "anonymous", "a valid bearer token is required (see docs/api.md)"
         )
     return principal
 

@@ -85,3 +85,15 @@ def print_table(rows: list[Any], total: int, title: str, columns: dict[str, Any]
 def json_lines(rows: list[Any]) -> None:
     for row in rows:
         print(json.dumps(row.as_json()))
+
+
+def scu_failure(exc: BaseException, calling_ae: str) -> str:
+    """Why an outgoing association failed, for the person at the terminal:
+    an A-ASSOCIATE-RJ in words with what to change
+    (:func:`pacsnode.scp.status.explain_reject`), else the error's message."""
+    from pacsnode.scp.scu import AssociationRejected
+    from pacsnode.scp.status import explain_reject
+
+    if isinstance(exc, AssociationRejected):
+        return explain_reject(exc.result, exc.source, exc.reason, calling_ae, exc.peer.ae_title)
+    return str(exc)

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pacsnode.cli.common import err, node_settings, out
+from pacsnode.cli.common import err, node_settings, out, scu_failure
 
 if TYPE_CHECKING:  # the phantom generator imports numpy and scipy: only when used
     from pacsnode.lab.phantom import Study, StudySpec
@@ -115,7 +115,8 @@ def demo_send(
                 progress=lambda n: progress.advance(task, n), timeout=timeout,
             )  # fmt: skip
         except ScuError as exc:
-            err.print(f"[red]C-STORE {target}: {exc}[/red]", highlight=False)
+            reason = scu_failure(exc, calling_ae)
+            err.print(f"[red]C-STORE {target}: {reason}[/red]", highlight=False)
             raise typer.Exit(1) from None
     out.print(
         f"C-STORE {target}: {result.stored} stored, {len(result.failed)} failed", highlight=False

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from pacsnode.cli.common import err, node_settings, out
+from pacsnode.cli.common import err, node_settings, out, scu_failure
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
@@ -50,6 +50,9 @@ def worker(
 def echo(
     target: Annotated[str, typer.Argument(help="AE@HOST:PORT of the peer to verify")],
     timeout: Annotated[float, typer.Option(help="seconds to wait for the peer")] = 10.0,
+    calling_ae: Annotated[
+        str | None, typer.Option(help="our AE title (default: the node's ae_title)")
+    ] = None,
 ) -> None:
     """Send a C-ECHO (verification) from pacsnode's AE title to a peer."""
     from pacsnode.core.errors import ScuError
@@ -59,9 +62,10 @@ def echo(
     settings = node_settings()
     try:
         ae_title, host, port = parse_target(target)
-        elapsed = send_echo(settings.ae_title, ae_title, host, port, timeout)
+        elapsed = send_echo(calling_ae or settings.ae_title, ae_title, host, port, timeout)
     except (ScuError, ValueError) as exc:
-        err.print(f"[red]C-ECHO {target}: {exc}[/red]", highlight=False)
+        reason = scu_failure(exc, calling_ae or settings.ae_title)
+        err.print(f"[red]C-ECHO {target}: {reason}[/red]", highlight=False)
         raise typer.Exit(1) from None
     out.print(f"C-ECHO {target}: success ({elapsed * 1000:.0f} ms)", highlight=False)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 from http import HTTPStatus
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 
 class DimseStatus(IntEnum):
@@ -253,6 +253,19 @@ class EncodeError(PacsnodeError):
 # -- outgoing associations ---------------------------------------------------------------
 
 
+class Peer(Protocol):
+    """The other end of an outgoing association (:class:`pacsnode.scp.scu.Peer`)."""
+
+    @property
+    def ae_title(self) -> str: ...
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
 class ScuError(PacsnodeError):
     """An outgoing DICOM operation failed: no association (unreachable,
     rejected: :mod:`pacsnode.scp.scu` subclasses carry the A-ASSOCIATE-RJ
@@ -277,7 +290,7 @@ class NoAssociation(ScuError):
     """No association: unreachable, aborted during negotiation, or no answer.
     ``connected`` tells whether the TCP (and TLS) connection was made."""
 
-    def __init__(self, message: str, *, peer: object, connected: bool) -> None:
+    def __init__(self, message: str, *, peer: Peer, connected: bool) -> None:
         super().__init__(message)
         self.peer = peer
         self.connected = connected
@@ -288,7 +301,7 @@ class AssociationRejected(ScuError):
     transient), ``source`` (1 service-user, 2 ACSE, 3 presentation) and
     ``reason`` (the Diagnostic) as in PS3.8 Table 9-21, with their words."""
 
-    def __init__(self, peer: object, result: int, source: int, reason: int, reason_text: str):
+    def __init__(self, peer: Peer, result: int, source: int, reason: int, reason_text: str):
         self.peer = peer
         self.result, self.source, self.reason = result, source, reason
         self.result_text = RESULTS.get(result, f"result {result}")

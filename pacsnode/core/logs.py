@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 
@@ -52,6 +53,45 @@ def configure_logging(
         fmt = f"%(asctime)s %(levelname)-7s [{process_name}] %(name)s: %(message)s"
         handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    # pynetdicom logs every PDU and DIMSE message at INFO/DEBUG, including
-    # summaries of data sets; keep it to warnings.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    quiet_libraries(level)
+
+
+# Libraries whose INFO lines drown pacsnode's own (highdicom writes about ten
+# "copy attributes of module ..." lines per output object; pynetdicom logs
+# every PDU and DIMSE message, including summaries of data sets). They log at
+# WARNING unless log_level is DEBUG.
+THIRD_PARTY = (
+    "highdicom",
+    "pynetdicom",
+    "pydicom",
+    "celery",
+    "kombu",
+    "amqp",
+    "redis",
+    "urllib3",
+    "httpx",
+    "httpcore",
+    "tensorflow",
+    "absl",
+    "h5py",
+    "matplotlib",
+    "PIL",
+    "alembic",
+    "sqlalchemy",
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "fastapi",
+    "multipart",
+    "asyncio",
+)
+
+
+def quiet_libraries(level: str) -> None:
+    """Third-party loggers at WARNING, or at ``level`` when it is DEBUG."""
+    debug = str(level).upper() == "DEBUG"
+    chosen = logging.DEBUG if debug else logging.WARNING
+    # TensorFlow's C++ side logs to stderr on import, before any logger exists.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if debug else "2")
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(chosen)
