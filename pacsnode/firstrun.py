@@ -25,6 +25,7 @@ import secrets
 import shutil
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -111,6 +112,8 @@ def cli_name() -> str:
     argv0 = os.path.abspath(sys.argv[0])
     if argv0.endswith("__main__.py"):
         return "python -m pacsnode"
+    if os.path.basename(argv0) != "pacsnode":  # embedded, or started some other way
+        return "pacsnode"
     found = shutil.which("pacsnode")
     if found and os.path.abspath(found) == argv0:
         return "pacsnode"
@@ -123,9 +126,14 @@ def _local(host: str) -> str:
 
 
 def next_steps(
-    settings: Settings, dicom_port: int, api_url: str, login_link: str | None
+    settings: Settings,
+    dicom_port: int,
+    api_url: str,
+    login_link: str | None,
+    more: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
-    """The lines ``pacsnode serve`` prints when it is ready."""
+    """The lines ``pacsnode serve`` prints when it is ready; ``more``: further
+    (what, URL) pairs shown beside the dashboard (e.g. a viewer)."""
     cli = cli_name()
     target = f"{settings.ae_title}@{_local(settings.dicom_host)}:{dicom_port}"
     calling = ""
@@ -145,6 +153,7 @@ def next_steps(
             "     (no peer may send from this machine: add one under `peers` in the configuration)"
         )
     lines += [f"  2. Watch the study and its results on the dashboard: {api_url}/ui/"]
+    lines += [f"     {what}: {url}" for what, url in more]
     if login_link:
         lines += [
             "  3. Sign in with this one-time link (works once; shown only now):",
