@@ -21,7 +21,7 @@ handler). Each of them also decides, in the same place, what a foreign
 exception (``OSError``, a SQLAlchemy ``OperationalError``…) means to it.
 ``tests/test_errors.py`` checks that every class declares its disposition and
 that the readers agree with it. The table is in
-docs/architecture-errors-and-lifecycles.md.
+docs/architecture.md §6.
 
 Messages name studies, series and instances by UID, never patients by name
 or ID, so they can be logged, stored in job rows and sent to peers as they are.

@@ -3,7 +3,7 @@
 Each value is the string stored in the database and shown by the API, the
 CLI and the dashboard, so the schema and the interfaces are those of plain
 strings; code compares and writes members, never literals. Who moves a row
-from one state to the next: docs/architecture-errors-and-lifecycles.md
+from one state to the next: docs/architecture.md §6
 (jobs: :mod:`pacsnode.db.jobs`; exports: :mod:`pacsnode.db.exports`; study
 and series assembly: :mod:`pacsnode.db.assembly`; fusion waits:
 :mod:`pacsnode.db.fusion`).
