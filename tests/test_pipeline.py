@@ -105,7 +105,7 @@ def test_worker_killed_during_inference_is_redelivered_and_completes_once(
     # The models' task (gpu queue) has started: loading TensorFlow and the
     # models alone takes seconds, so the kill lands inside inference.
     wait_for(
-        lambda: "Task pacsnode.infer_job[" in pipeline_node.log(),
+        lambda: "models' task started (gpu queue)" in pipeline_node.log(),
         timeout=90,
         what="the inference task to start",
     )
@@ -117,7 +117,7 @@ def test_worker_killed_during_inference_is_redelivered_and_completes_once(
     (job,) = wait_for(lambda: finished(pipeline_node, 1), timeout=180, what="job to finish")
     assert job.state == "succeeded"
     assert job.attempts == 1  # the cpu task ran once; the gpu task was redelivered
-    assert pipeline_node.log().count("Task pacsnode.infer_job[") >= 2
+    assert pipeline_node.log().count("models' task started (gpu queue)") >= 2
     book = ledger(pipeline_node.database_url)
     assert book.results > 0
     sent = sop_uids(tmp_path / "ct")

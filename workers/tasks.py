@@ -116,6 +116,7 @@ def run_job(self: Task, job_id: int) -> None:
 def infer_job(self: Task, job_id: int) -> None:
     """gpu queue: every stage; load and preprocess mostly read what the cpu
     task cached (data_dir is shared by the node's workers)."""
+    log.info("job %d: models' task started (gpu queue)", job_id)
     if _run_stages(self, job_id, pipeline.ALL_STAGES) is None:
         return
     with _engine().begin() as conn:
