@@ -60,6 +60,7 @@ def configure_logging(
 # "copy attributes of module ..." lines per output object; pynetdicom logs
 # every PDU and DIMSE message, including summaries of data sets). They log at
 # WARNING unless log_level is DEBUG.
+DATASET_PRINTERS = ("pynetdicom", "pydicom", "highdicom")
 THIRD_PARTY = (
     "highdicom",
     "pynetdicom",
@@ -90,8 +91,12 @@ THIRD_PARTY = (
 def quiet_libraries(level: str) -> None:
     """Third-party loggers at WARNING, or at ``level`` when it is DEBUG."""
     debug = str(level).upper() == "DEBUG"
-    chosen = logging.DEBUG if debug else logging.WARNING
+    chosen = logging.WARNING  # third-party DEBUG lines can carry data sets: never
     # TensorFlow's C++ side logs to stderr on import, before any logger exists.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if debug else "2")
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(chosen)
+    # Libraries that print data sets (patient names and IDs) at INFO/DEBUG stay
+    # at WARNING even at DEBUG: logs never carry patient data.
+    for name in DATASET_PRINTERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
