@@ -285,11 +285,19 @@ def _check_above(
 
 
 def find_query(
-    model: InformationModel, level_value: str | None, keys: Mapping[str, Sequence[str]]
+    model: InformationModel,
+    level_value: str | None,
+    keys: Mapping[str, Sequence[str]],
+    *,
+    hierarchical: bool = True,
 ) -> Query:
-    """Check a C-FIND identifier (PS3.4 C.4.1.2.2) and plan its matching."""
+    """Check a C-FIND identifier (PS3.4 C.4.1.2.2) and plan its matching.
+
+    Without ``hierarchical`` (QIDO-RS ``/series`` and ``/instances``, PS3.18
+    10.6.1) the unique keys of the levels above are optional and match like
+    any other key (a UID list included)."""
     level = parse_level(model, level_value)
-    matching = _check_above(model, level, keys)
+    matching = _check_above(model, level, keys) if hierarchical else {}
     returned: list[str] = []
     unsupported: list[str] = []
     ignored: list[str] = []
@@ -475,6 +483,7 @@ def select_instances(query: Query, dialect: str) -> Select[Any]:
         Instance.transfer_syntax_uid,
         Instance.path,
         Study.study_instance_uid,
+        Series.series_instance_uid,
     )
     stmt = _where(stmt, query, dialect)
     return stmt.order_by(Study.id, *_ORDER[Level.SERIES], *_ORDER[Level.IMAGE])
@@ -487,22 +496,28 @@ class StoredInstance:
     transfer_syntax_uid: str
     path: str  # relative to the spool directory
     study_instance_uid: str
+    series_instance_uid: str
 
 
 _IN_CHUNK = 500
 
 
-def find(engine: Engine, query: Query) -> list[dict[str, Any]]:
-    """The C-FIND matches, each a ``{keyword: value}`` of the returned keys.
+def find(
+    engine: Engine, query: Query, *, limit: int | None = None, offset: int = 0
+) -> list[dict[str, Any]]:
+    """The C-FIND matches, each a ``{keyword: value}`` of the returned keys;
+    ``limit`` and ``offset`` page through them (QIDO-RS).
 
     Read in one short transaction before anything is sent, so no database
     connection stays open while the peer reads the responses."""
+    stmt = select_matches(query, engine.dialect.name)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    if offset:
+        stmt = stmt.offset(offset)
     try:
         with engine.connect() as conn:
-            rows = [
-                dict(row)
-                for row in conn.execute(select_matches(query, engine.dialect.name)).mappings()
-            ]
+            rows = [dict(row) for row in conn.execute(stmt).mappings()]
             if "ModalitiesInStudy" in query.returned:
                 modalities = _modalities(conn, [row["_pk"] for row in rows])
                 for row in rows:

@@ -17,7 +17,9 @@ from sqlalchemy import Connection, insert, select, update
 
 from pacsnode.db.models import ApiToken
 
-ROLES = ("read", "admin")
+# read: queries (admin API, dashboard, DICOMweb QIDO/WADO); admin: everything;
+# store: DICOMweb STOW-RS only (a modality or gateway that sends studies).
+ROLES = ("read", "admin", "store")
 PREFIX = "pn_"
 
 

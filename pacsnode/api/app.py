@@ -1,5 +1,6 @@
 """The FastAPI application: ``/api/v1`` (one router per resource),
-``/healthz``, ``/readyz``, ``/metrics``, and the dashboard under ``/ui``."""
+``/healthz``, ``/readyz``, ``/metrics``, the dashboard under ``/ui`` and the
+DICOMweb server under ``/dicom-web`` (:mod:`pacsnode.api.dicomweb`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from sqlalchemy import Engine
 
 from pacsnode.api import dashboard, metrics
 from pacsnode.api.deps import require_read
+from pacsnode.api.dicomweb import PREFIX as DICOMWEB_PREFIX
+from pacsnode.api.dicomweb import create_dicomweb_app
 from pacsnode.api.errors import pacsnode_error_response
 from pacsnode.api.routes import exports, health, jobs, models, results, stats, studies
 from pacsnode.core.errors import PacsnodeError
@@ -51,6 +54,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(health.router)
     app.include_router(dashboard.router)
+    if settings.dicomweb.enabled:
+        app.mount(DICOMWEB_PREFIX, create_dicomweb_app(settings, app.state.engine))
 
     @app.get("/", include_in_schema=False)
     def home() -> RedirectResponse:

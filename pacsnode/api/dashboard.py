@@ -19,6 +19,7 @@ from fastapi.templating import Jinja2Templates
 
 from pacsnode.api.deps import (
     COOKIE,
+    VIEW_ROLES,
     EngineDep,
     Principal,
     SettingsDep,
@@ -45,6 +46,8 @@ def _principal(request: Request, settings: Any, engine: Any, admin: bool = False
     principal = authenticate(request, settings, engine)
     if principal is None:
         raise HTTPException(303, headers={"Location": "/ui/login"})
+    if principal.role not in VIEW_ROLES:
+        raise HTTPException(403, detail="a store token cannot sign in: use a read or admin token")
     if admin and principal.role != "admin":
         raise HTTPException(403, detail="this action needs an admin token")
     return principal
@@ -63,8 +66,11 @@ def login_form(request: Request) -> HTMLResponse:
 def login(
     request: Request, settings: SettingsDep, engine: EngineDep, token: Annotated[str, Form()]
 ) -> Response:
-    if check_token(token.strip(), client_address(request), settings, engine) is None:
+    principal = check_token(token.strip(), client_address(request), settings, engine)
+    if principal is None:
         return _page(request, "login.html", error="unknown or revoked token")
+    if principal.role not in VIEW_ROLES:
+        return _page(request, "login.html", error="a store token cannot sign in")
     response = RedirectResponse("/ui/", status_code=303)
     secure = request.url.scheme == "https"
     response.set_cookie(

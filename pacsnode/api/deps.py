@@ -5,7 +5,8 @@ for the dashboard, the same token in the ``pacsnode_token`` cookie its login
 form sets (HttpOnly, SameSite=Strict). Tokens are looked up by their SHA-256
 (:mod:`db.tokens`); ``api.bootstrap_token`` from the configuration is an
 admin token too. No token or an unknown one → 401; a read-only token on an
-admin action → 403. Every refusal is audited.
+admin action → 403; a ``store`` token (DICOMweb STOW-RS only) anywhere else
+→ 403. Every refusal is audited.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pacsnode.db import audit
 from pacsnode.db.tokens import lookup
 
 COOKIE = "pacsnode_token"
+VIEW_ROLES = ("read", "admin")
+STORE_ROLES = ("store", "admin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,32 @@ def require_read(request: Request, settings: SettingsDep, engine: EngineDep) -> 
         raise _deny(
             request, engine, 401, "anonymous", "a valid bearer token is required (see docs/api.md)"
         )
+    if principal.role not in VIEW_ROLES:
+        raise _deny(
+            request,
+            engine,
+            403,
+            f"token:{principal.name}",
+            f"a {principal.role} token cannot read: this needs a read or admin token",
+        )
+    return principal
+
+
+def require_store(request: Request, settings: SettingsDep, engine: EngineDep) -> Principal:
+    """DICOMweb STOW-RS: a ``store`` or ``admin`` token."""
+    principal = authenticate(request, settings, engine)
+    if principal is None:
+        raise _deny(
+            request, engine, 401, "anonymous", "a valid bearer token is required (see docs/api.md)"
+        )
+    if principal.role not in STORE_ROLES:
+        raise _deny(
+            request,
+            engine,
+            403,
+            f"token:{principal.name}",
+            f"a {principal.role} token cannot store: this needs a store or admin token",
+        )
     return principal
 
 
@@ -114,3 +143,4 @@ def require_admin(
 
 ReadDep = Annotated[Principal, Depends(require_read)]
 AdminDep = Annotated[Principal, Depends(require_admin)]
+StoreDep = Annotated[Principal, Depends(require_store)]

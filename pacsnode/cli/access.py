@@ -29,7 +29,13 @@ tokens_app = typer.Typer(help="Bearer tokens of the admin API.", no_args_is_help
 
 @tokens_app.command("create")
 def tokens_create(
-    role: Annotated[str, typer.Option(help="read (queries) or admin (queries and actions)")],
+    role: Annotated[
+        str,
+        typer.Option(
+            help="read (queries, DICOMweb QIDO/WADO), admin (queries and actions) "
+            "or store (DICOMweb STOW-RS only)"
+        ),
+    ],
     name: Annotated[str, typer.Option(help="who or what uses it (shown in the audit trail)")] = "",
 ) -> None:
     """Create an API token and print it once (only its SHA-256 is stored)."""

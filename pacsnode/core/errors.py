@@ -176,6 +176,45 @@ class InvalidRequest(PacsnodeError):
     http_status = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
+# -- DICOMweb (PS3.18) requests ------------------------------------------------------
+
+
+class NotAcceptable(PacsnodeError):
+    """No representation the client accepts can be served (PS3.18 §8.7: a
+    media type or transfer syntax pacsnode does not produce for this resource)."""
+
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.NOT_ACCEPTABLE
+
+
+class UnsupportedMediaType(PacsnodeError):
+    """A STOW-RS request body that is not ``multipart/related;
+    type="application/dicom"`` with a boundary."""
+
+    transient = False
+    dimse_status = DimseStatus.CANNOT_UNDERSTAND
+    http_status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+class MalformedBody(PacsnodeError):
+    """A multipart body that breaks RFC 2046: no closing delimiter (truncated),
+    a part without headers, headers too long. Nothing of it is stored."""
+
+    transient = False
+    dimse_status = DimseStatus.CANNOT_UNDERSTAND
+    http_status = HTTPStatus.BAD_REQUEST
+
+
+class BodyTooLarge(PacsnodeError):
+    """A request body (or one part of it) past the configured limit
+    (``dicomweb.max_request_mb``, ``dicomweb.max_part_mb``)."""
+
+    transient = False
+    dimse_status = DimseStatus.OUT_OF_RESOURCES
+    http_status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
 # -- the pipeline: preprocessing (series → volume → model input) ---------------------
 
 

@@ -267,6 +267,31 @@ class ApiSettings(BaseModel):
         return value
 
 
+class DicomwebSettings(BaseModel):
+    """The DICOMweb server (PS3.18) under ``/dicom-web`` on the HTTP port."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="serve QIDO-RS, WADO-RS and STOW-RS")
+    cors_origins: list[str] = Field(
+        default=[],
+        description="origins allowed to call /dicom-web from a browser (CORS); "
+        "empty: none (same-origin only)",
+    )
+    max_part_mb: int = Field(
+        default=1024, ge=1, le=65_536, description="largest instance one STOW-RS part may carry"
+    )
+    max_request_mb: int = Field(
+        default=8192, ge=1, le=1_048_576, description="largest STOW-RS request body"
+    )
+    max_results: int = Field(
+        default=1000, ge=1, le=1_000_000, description="most matches one QIDO-RS answer carries"
+    )
+    thumbnail_size: int = Field(
+        default=128, ge=16, le=1024, description="edge of a thumbnail, in pixels"
+    )
+
+
 class FusionOptions(BaseModel):
     """Study-level fusion models (``task: fusion``)."""
 
@@ -301,6 +326,10 @@ class Settings(BaseSettings):
     )
     api: ApiSettings = Field(
         default=ApiSettings(), description="HTTP API and dashboard: bind host, tokens, metrics"
+    )
+    dicomweb: DicomwebSettings = Field(
+        default=DicomwebSettings(),
+        description="DICOMweb server: enabled, CORS origins, STOW-RS and QIDO-RS limits",
     )
     data_dir: Path = Field(
         default=Path.home() / ".local" / "share" / "pacsnode",

@@ -1,0 +1,320 @@
+"""The DICOMweb server (PS3.18) of a real ``pacsnode serve`` over HTTP, with
+dicomweb-client (Python) and raw requests: QIDO-RS, WADO-RS and auth.
+
+One node serves the module: a small phantom study (CT 10, PT 8, MR 3 + 3
+slices, 64² CT) sent by C-STORE with storescu; no models run. Every
+instance retrieved by WADO-RS is compared, element for element, with the
+file sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from pacsnode.db.session import create_db_engine
+from pacsnode.db.tokens import create_token
+from pacsnode.lab.phantom import StudySpec, WrittenStudy, write_study
+from tests.support import Node, node_config, storescu
+
+SPEC = StudySpec(seed=21, size=64, slices=10)
+SERIES_SIZES = {"CT": 10, "PT": 8, "MR_T1": 3, "MR_T2": 3}
+
+
+@dataclass
+class DW:
+    node: Node
+    url: str
+    tokens: dict[str, str]
+    study: WrittenStudy
+    study_uid: str
+    patient_id: str
+    work: Path
+
+    def client(self, role: str = "read") -> DICOMwebClient:
+        return DICOMwebClient(
+            url=self.url, headers={"Authorization": f"Bearer {self.tokens[role]}"}
+        )
+
+    def get(self, path: str, role: str | None = "read", **kwargs: object) -> requests.Response:
+        headers = dict(kwargs.pop("headers", {}) or {})  # type: ignore[call-overload]
+        if role:
+            headers["Authorization"] = f"Bearer {self.tokens[role]}"
+        return requests.get(self.url + path, headers=headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+
+def make_tokens(database_url: str) -> dict[str, str]:
+    engine = create_db_engine(database_url)
+    tokens = {}
+    with engine.begin() as conn:
+        for role in ("read", "store", "admin"):
+            tokens[role] = create_token(conn, role, f"dicomweb-{role}")[1]
+    engine.dispose()
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def dw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DW]:
+    work = tmp_path_factory.mktemp("dicomweb")
+    database_url = f"sqlite:///{work / 'index.db'}"
+    study = write_study(work / "study", SPEC)
+    empty_models = work / "no-models"
+    empty_models.mkdir()
+    node = Node(
+        data_dir=work / "node",
+        database_url=database_url,
+        config=node_config(models_dir=str(empty_models)),
+    )
+    try:
+        node.start()
+        for key in SERIES_SIZES:
+            storescu(node, study.folder / key)
+        header = pydicom.dcmread(study.series["CT"][0], stop_before_pixels=True)
+        yield DW(
+            node,
+            f"{node.api_url}/dicom-web",
+            make_tokens(database_url),
+            study,
+            str(header.StudyInstanceUID),
+            str(header.PatientID),
+            work,
+        )
+    finally:
+        node.stop()
+
+
+def sent_files(dw: DW) -> dict[str, Path]:
+    return {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+        for paths in dw.study.series.values()
+        for p in paths
+    }
+
+
+def uid_of(item: dict, tag: str) -> str:  # type: ignore[type-arg]
+    return str(item[tag]["Value"][0])
+
+
+def multipart_parts(response: requests.Response) -> list[bytes]:
+    """The part bodies of a multipart/related response (RFC 2046)."""
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    chunks = response.content.split(b"--" + boundary.encode())[1:-1]
+    return [c.split(b"\r\n\r\n", 1)[1][: -len(b"\r\n")] for c in chunks]
+
+
+def same_elements(received: Dataset, sent: Dataset) -> None:
+    """Element for element (values compared as decoded by pydicom)."""
+    assert [e.tag for e in received] == [e.tag for e in sent]
+    for element in sent:
+        assert received[element.tag].value == element.value, element.keyword
+
+
+# -- QIDO-RS ---------------------------------------------------------------------------
+
+
+def test_search_every_level(dw: DW) -> None:
+    client = dw.client()
+    studies = client.search_for_studies()
+    assert [uid_of(s, "0020000D") for s in studies] == [dw.study_uid]
+    study = studies[0]
+    assert study["00100020"]["Value"] == [dw.patient_id]
+    assert study["00201208"]["Value"] == [sum(SERIES_SIZES.values())]
+    assert sorted(study["00080061"]["Value"]) == ["CT", "MR", "PT"]
+    assert study["00081190"]["Value"] == [f"{dw.url}/studies/{dw.study_uid}"]
+
+    series = client.search_for_series(dw.study_uid)
+    assert sorted(s["00201209"]["Value"][0] for s in series) == sorted(SERIES_SIZES.values())
+    assert len(client.search_for_series()) == len(SERIES_SIZES)  # /series, no study
+    ct = next(s for s in series if s["00080060"]["Value"] == ["CT"])
+    ct_uid = uid_of(ct, "0020000E")
+    instances = client.search_for_instances(dw.study_uid, ct_uid)
+    assert len(instances) == SERIES_SIZES["CT"]
+    numbers = [i["00200013"]["Value"][0] for i in instances]
+    assert numbers == sorted(numbers)
+    assert len(client.search_for_instances(dw.study_uid)) == sum(SERIES_SIZES.values())
+    assert len(client.search_for_instances()) == sum(SERIES_SIZES.values())
+
+
+def test_search_matching_includefield_limit_offset(dw: DW) -> None:
+    client = dw.client()
+    assert client.search_for_studies(search_filters={"PatientID": dw.patient_id})
+    assert client.search_for_studies(search_filters={"PatientID": "nobody"}) == []
+    assert client.search_for_studies(search_filters={"ModalitiesInStudy": "MR"})
+    assert client.search_for_studies(search_filters={"StudyDate": "19000101-19000102"}) == []
+    name = str(pydicom.dcmread(dw.study.series["CT"][0], stop_before_pixels=True).PatientName)
+    wildcard = name[:3].lower() + "*"  # PN: case-insensitive, wildcards
+    assert client.search_for_studies(search_filters={"PatientName": wildcard})
+    pt = client.search_for_series(search_filters={"00080060": "PT"})  # by tag
+    assert len(pt) == 1 and "0008103E" in pt[0]
+
+    # includefield adds attributes; "all" every attribute of the level and above.
+    plain = client.search_for_series(dw.study_uid)[0]
+    assert "0020000D" in plain and "00180015" not in plain
+    extra = client.search_for_series(dw.study_uid, fields=["BodyPartExamined"])[0]
+    assert "00180015" in extra
+    everything = dw.get(f"/series?includefield=all&StudyInstanceUID={dw.study_uid}")
+    assert everything.status_code == 200
+    assert "00100010" in everything.json()[0] and "00200052" in everything.json()[0]
+
+    # limit/offset page through the instances in order.
+    total = sum(SERIES_SIZES.values())
+    pages = [client.search_for_instances(limit=10, offset=o) for o in range(0, total, 10)]
+    uids = [uid_of(i, "00080018") for page in pages for i in page]
+    assert len(uids) == total == len(set(uids))
+    more = dw.get("/instances?limit=5")
+    assert "offset=5" in more.headers["Warning"]
+    fuzzy = dw.get("/studies?fuzzymatching=true")
+    assert fuzzy.status_code == 200 and "fuzzymatching" in fuzzy.headers["Warning"]
+
+
+def test_search_answers_no_content_and_bad_keys(dw: DW) -> None:
+    assert dw.get("/studies?PatientID=nobody").status_code == 204
+    for query, words in (
+        ("NotAnAttribute=1", "not a DICOM attribute"),
+        ("StudyDate=yesterday", "StudyDate"),
+        ("limit=-1", "limit"),
+        ("SeriesNumber=abc", "SeriesNumber"),
+        ("00081111.00081150=1.2", "sequence"),
+    ):
+        response = dw.get(f"/series?{query}")
+        assert response.status_code == 400, query
+        assert words in response.json()["detail"], response.text
+    assert dw.get("/studies").headers["content-type"].startswith("application/dicom+json")
+
+
+# -- WADO-RS ---------------------------------------------------------------------------
+
+
+def test_retrieve_study_series_instance_equal_what_was_stored(dw: DW) -> None:
+    client = dw.client()
+    sent = sent_files(dw)
+    received = client.retrieve_study(dw.study_uid)  # default: Explicit VR Little Endian
+    assert {str(ds.SOPInstanceUID) for ds in received} == set(sent)
+    for ds in received:
+        same_elements(ds, pydicom.dcmread(sent[str(ds.SOPInstanceUID)]))
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    first = pydicom.dcmread(dw.study.series["MR_T1"][0])
+    series = client.retrieve_series(
+        dw.study_uid, str(first.SeriesInstanceUID), media_types=(("application/dicom", "*"),)
+    )
+    assert len(series) == SERIES_SIZES["MR_T1"]
+    # dicomweb-client does not ask for Implicit VR Little Endian: plain HTTP.
+    implicit = (
+        f'multipart/related; type="application/dicom"; transfer-syntax={ImplicitVRLittleEndian}'
+    )
+    path = (
+        f"/studies/{dw.study_uid}/series/{first.SeriesInstanceUID}/instances/{first.SOPInstanceUID}"
+    )
+    response = dw.get(path, headers={"Accept": implicit})
+    assert response.status_code == 200, response.text
+    parts = multipart_parts(response)
+    assert len(parts) == 1
+    instance = pydicom.dcmread(BytesIO(parts[0]))
+    assert instance.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    same_elements(instance, first)
+
+
+def test_retrieve_refuses_what_it_cannot_produce(dw: DW) -> None:
+    study = f"/studies/{dw.study_uid}"
+    jpeg = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    response = dw.get(study, headers={"Accept": jpeg})
+    assert response.status_code == 406 and "transfer-syntax" in response.json()["detail"]
+    assert dw.get(study, headers={"Accept": "text/html"}).status_code == 406
+    assert dw.get("/studies/1.2.3.4").status_code == 404
+
+
+def test_metadata_frames_bulkdata(dw: DW) -> None:
+    client = dw.client()
+    path = dw.study.series["CT"][3]
+    sent = pydicom.dcmread(path)
+    series_uid, sop_uid = str(sent.SeriesInstanceUID), str(sent.SOPInstanceUID)
+    metadata = client.retrieve_study_metadata(dw.study_uid)
+    assert len(metadata) == sum(SERIES_SIZES.values())
+    item = client.retrieve_instance_metadata(dw.study_uid, series_uid, sop_uid)
+    assert item["00080018"]["Value"] == [sop_uid]
+    assert item["00280010"]["Value"] == [sent.Rows]
+    pixel_uri = item["7FE00010"]["BulkDataURI"]
+    assert "InlineBinary" not in item["7FE00010"]
+    assert len(client.retrieve_series_metadata(dw.study_uid, series_uid)) == SERIES_SIZES["CT"]
+    # The BulkDataURI resolves to the stored value.
+    response = dw.get(pixel_uri.removeprefix(dw.url))
+    assert response.status_code == 200
+    bulk = client.retrieve_bulkdata(pixel_uri)
+    assert bulk == [sent.PixelData]
+    frames = client.retrieve_instance_frames(dw.study_uid, series_uid, sop_uid, [1])
+    assert frames == [sent.PixelData]
+    with pytest.raises(requests.HTTPError):
+        client.retrieve_instance_frames(dw.study_uid, series_uid, sop_uid, [2])
+
+
+def test_rendered_and_thumbnails(dw: DW) -> None:
+    sent = pydicom.dcmread(dw.study.series["CT"][5])
+    instance = (
+        f"/studies/{dw.study_uid}/series/{sent.SeriesInstanceUID}/instances/{sent.SOPInstanceUID}"
+    )
+    jpeg = dw.get(f"{instance}/rendered")
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+    image = Image.open(BytesIO(jpeg.content))
+    assert image.size == (sent.Columns, sent.Rows)
+    png = dw.get(f"{instance}/frames/1/rendered?window=40,400", headers={"Accept": "image/png"})
+    assert png.headers["content-type"] == "image/png"
+    assert len(set(Image.open(BytesIO(png.content)).getdata())) > 10  # not a flat image
+    for path in (
+        f"{instance}/thumbnail",
+        f"/studies/{dw.study_uid}/series/{sent.SeriesInstanceUID}/thumbnail",
+        f"/studies/{dw.study_uid}/thumbnail",
+    ):
+        response = dw.get(path)
+        assert response.status_code == 200, path
+        assert max(Image.open(BytesIO(response.content)).size) <= 128
+    assert dw.get(f"{instance}/rendered", headers={"Accept": "video/mp4"}).status_code == 406
+
+
+# -- auth ------------------------------------------------------------------------------
+
+
+def test_auth_roles(dw: DW) -> None:
+    response = dw.get("/studies", role=None)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert dw.get(f"/studies/{dw.study_uid}/metadata", role=None).status_code == 401
+    assert dw.get("/studies", role="store").status_code == 403
+    assert dw.get("/studies", role="admin").status_code == 200
+    # The dashboard's session cookie works as well (the same-origin viewer).
+    cookie = {"pacsnode_token": dw.tokens["read"]}
+    assert requests.get(f"{dw.url}/studies", cookies=cookie, timeout=30).status_code == 200
+    # A store token is not a read token for the admin API either.
+    admin_api = f"{dw.node.api_url}/api/v1/studies"
+    headers = {"Authorization": f"Bearer {dw.tokens['store']}"}
+    assert requests.get(admin_api, headers=headers, timeout=30).status_code == 403
+    # No CORS unless configured.
+    preflight = requests.options(
+        f"{dw.url}/studies",
+        headers={"Origin": "http://elsewhere", "Access-Control-Request-Method": "GET"},
+        timeout=30,
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_retrieves_are_audited(dw: DW) -> None:
+    from sqlalchemy import select
+
+    from pacsnode.db.models import AuditEvent
+
+    dw.dicomweb_touch = dw.dw_client_touch = None  # type: ignore[attr-defined]
+    dw.client().retrieve_study_metadata(dw.study_uid)
+    engine = create_db_engine(f"sqlite:///{dw.work / 'index.db'}")
+    with engine.connect() as conn:
+        rows = conn.execute(select(AuditEvent.action, AuditEvent.actor, AuditEvent.target)).all()
+    engine.dispose()
+    assert ("dicomweb.metadata", "token:dicomweb-read", dw.study_uid) in rows
+    assert any(r.action == "dicomweb.search" for r in rows)
