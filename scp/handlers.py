@@ -1,9 +1,9 @@
 """One handler per DIMSE/ACSE event; dependencies arrive as arguments.
 
-The C-STORE handler does only fast, durable work (PS3.4 Annex B): parse the
-few header attributes the index needs from the file pynetdicom wrote while
-the data arrived, fsync it and rename it into the spool, commit the index
-row, then answer. Decoding pixels and everything
+The C-STORE handler does only fast, durable work (PS3.4 Annex B), the same
+as STOW-RS (:func:`scp.ingest.ingest`): parse the few header attributes the
+index needs from the file pynetdicom wrote while the data arrived, fsync it
+and rename it into the spool, commit the index row, then answer. Decoding pixels and everything
 else belongs in workers, because this thread holds up the sending modality.
 """
 
@@ -13,7 +13,6 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -22,9 +21,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
-from pacsnode.core.errors import NonConformantDataset
-from pacsnode.scp.dataset import instance_record, read_header
-from pacsnode.scp.indexer import AssociationSummary, GroupCommitIndexer, group_key
+from pacsnode.scp.indexer import AssociationSummary, GroupCommitIndexer
+from pacsnode.scp.ingest import Expected, Origin, ingest
 from pacsnode.scp.policy import AssociationGate
 from pacsnode.scp.spool import Spool
 from pacsnode.scp.status import StoreStatus, dimse_status
@@ -111,30 +109,21 @@ def handle_store(
 
 
 def _store(event: Event, spool: Spool, indexer: GroupCommitIndexer, groups_sent: set[str]) -> None:
-    received_at = datetime.now(UTC)
     # pynetdicom has already written the data set, with File Meta, to a file
     # in the spool's incoming folder while the PDUs arrived (see scp.server).
-    received = event.dataset_path
-    size = received.stat().st_size
-    spool.check_space(size)
-    header = read_header(received)
     request = cast(C_STORE, event.request)
-    record = instance_record(
-        header,
+    record = ingest(
+        event.dataset_path,
         transfer_syntax_uid=str(event.context.transfer_syntax),
-        size_bytes=size,
-        calling_ae_title=event.assoc.requestor.ae_title,
-        peer_host=event.assoc.requestor.address,
-        received_at=received_at,
+        origin=Origin(event.assoc.requestor.ae_title, event.assoc.requestor.address),
+        spool=spool,
+        indexer=indexer,
+        groups_sent=groups_sent,
+        expected=Expected(
+            sop_class_uid=str(request.AffectedSOPClassUID).strip("\0 "),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID).strip("\0 "),
+        ),
     )
-    if record.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip("\0 "):
-        raise NonConformantDataset("SOPInstanceUID differs from AffectedSOPInstanceUID")
-    if record.sop_class_uid != str(request.AffectedSOPClassUID).strip("\0 "):
-        raise NonConformantDataset("SOPClassUID differs from AffectedSOPClassUID")
-    spool.adopt(received, record.path)
-    key = group_key(record, indexer.grouping(record))
-    indexer.index(record, opens=key not in groups_sent)
-    groups_sent.add(key)
     log.debug("stored %s from %s", record.sop_instance_uid, record.calling_ae_title)
 
 

@@ -25,6 +25,8 @@ class StoreStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
     # PS3.7 C.4.2: Failure, Processing failure (an unexpected error in pacsnode).
     PROCESSING_FAILURE = 0x0110
+    # PS3.7 C.4.2: Refused, SOP Class not supported (STOW-RS only).
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 def dimse_status(exc: BaseException) -> StoreStatus:
@@ -142,5 +144,5 @@ def qr_failure_status(exc: BaseException, *, retrieve: bool) -> QRStatus:
         return QRStatus.OUT_OF_RESOURCES_MATCHES if retrieve else QRStatus.OUT_OF_RESOURCES
     try:
         return QRStatus(declared.value)
-    except ValueError:  # Processing failure (0x0110) is a C-STORE status only
+    except ValueError:  # 0x0110 and 0x0122 are C-STORE statuses only
         return QRStatus.UNABLE_TO_PROCESS

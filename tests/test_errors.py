@@ -120,7 +120,10 @@ def test_dicom_statuses_follow_the_declaration(cls: type[PacsnodeError]) -> None
     find, move = qr_failure_status(exc, retrieve=False), qr_failure_status(exc, retrieve=True)
     if cls.dimse_status == DimseStatus.OUT_OF_RESOURCES:
         assert (find, move) == (QRStatus.OUT_OF_RESOURCES, QRStatus.OUT_OF_RESOURCES_MATCHES)
-    elif cls.dimse_status == DimseStatus.PROCESSING_FAILURE:  # a C-STORE status only
+    elif cls.dimse_status in (  # C-STORE statuses only
+        DimseStatus.PROCESSING_FAILURE,
+        DimseStatus.SOP_CLASS_NOT_SUPPORTED,
+    ):
         assert find == move == QRStatus.UNABLE_TO_PROCESS
     else:
         assert find == move == QRStatus(cls.dimse_status)

@@ -49,6 +49,9 @@ class DimseStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
     # PS3.7 C.4.2: Failure, Processing failure (a C-STORE that failed inside pacsnode).
     PROCESSING_FAILURE = 0x0110
+    # PS3.7 C.4.2: Refused, SOP Class not supported (STOW-RS: an instance of a
+    # class the node does not store; DIMSE refuses it at association negotiation).
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 class PacsnodeError(Exception):
@@ -123,6 +126,14 @@ class OutOfResources(IngestError):
 
 class IndexUnavailable(OutOfResources):
     """The database did not commit the index rows."""
+
+
+class UnsupportedSopClass(IngestError):
+    """An instance of a SOP Class the node does not store (STOW-RS; over
+    DIMSE such a class is refused when the association is negotiated)."""
+
+    dimse_status = DimseStatus.SOP_CLASS_NOT_SUPPORTED
+    http_status = HTTPStatus.CONFLICT
 
 
 # -- query/retrieve and the query layer ------------------------------------------------

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import Engine
 
-from pacsnode.api.dicomweb import qido, rendered, wado
+from pacsnode.api.dicomweb import qido, rendered, stow, wado
 from pacsnode.api.errors import pacsnode_error_response
 from pacsnode.core.errors import PacsnodeError
 from pacsnode.core.settings import Settings
@@ -32,7 +32,8 @@ def create_dicomweb_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
 
-    for module in (qido, wado, rendered):
+    app.state.stow = None  # spool and index writer, made by the first STOW-RS request
+    for module in (qido, wado, rendered, stow):
         app.include_router(module.router)
     if settings.dicomweb.cors_origins:
         app.add_middleware(
