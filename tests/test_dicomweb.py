@@ -11,7 +11,7 @@ bodies), and getscu retrieves the same study as WADO-RS.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -78,7 +78,11 @@ def dw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DW]:
         config=node_config(
             peers=[{"ae_title": ae, "hosts": ["127.0.0.1"]} for ae in ("STORESCU", "GETSCU")],
             models_dir=str(empty_models),
-            dicomweb={"max_request_mb": 64, "max_part_mb": 16},
+            dicomweb={
+                "max_request_mb": 64,
+                "max_part_mb": 16,
+                "cors_origins": ["http://viewer.example"],
+            },
         ),
     )
     try:
@@ -302,13 +306,23 @@ def test_auth_roles(dw: DW) -> None:
     admin_api = f"{dw.node.api_url}/api/v1/studies"
     headers = {"Authorization": f"Bearer {dw.tokens['store']}"}
     assert requests.get(admin_api, headers=headers, timeout=30).status_code == 403
-    # No CORS unless configured.
-    preflight = requests.options(
-        f"{dw.url}/studies",
-        headers={"Origin": "http://elsewhere", "Access-Control-Request-Method": "GET"},
-        timeout=30,
+
+    # CORS for the configured origin only, and for /dicom-web only.
+    def preflight(url: str, origin: str) -> requests.Response:
+        return requests.options(
+            url,
+            headers={"Origin": origin, "Access-Control-Request-Method": "GET"},
+            timeout=30,
+        )
+
+    allowed = preflight(f"{dw.url}/studies", "http://viewer.example")
+    assert allowed.headers["access-control-allow-origin"] == "http://viewer.example"
+    assert (
+        "access-control-allow-origin" not in preflight(f"{dw.url}/studies", "http://evil").headers
     )
-    assert "access-control-allow-origin" not in preflight.headers
+    assert (
+        "access-control-allow-origin" not in preflight(admin_api, "http://viewer.example").headers
+    )
 
 
 def test_retrieves_are_audited(dw: DW) -> None:
@@ -624,3 +638,122 @@ def test_stowed_study_gets_a_job_that_completes(make_node, tmp_path: Path) -> No
 
     (job,) = wait_for(finished, timeout=120, what="the STOW-RS study's job")
     assert (job.state, job.error) == ("succeeded", "")
+
+
+# -- memory: uploads and retrievals stream ---------------------------------------------
+
+
+def _kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def _peak_growth_mib(pid: int, action: Callable[[], object]) -> float:
+    """How far the process's resident memory rose above where it was while
+    ``action`` ran (Linux: the peak is reset through clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = _kib(pid, "VmRSS")
+    action()
+    return (_kib(pid, "VmHWM") - before) / 1024
+
+
+def big_study(folder: Path, count: int, rows: int, columns: int) -> list[Path]:
+    """``count`` CT images of rows x columns 16-bit pixels (one study, one
+    series), from a phantom slice with its pixel data enlarged."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from pacsnode.lab.phantom import SeriesSpec, write_ct_series
+
+    write_ct_series(folder / "template", SeriesSpec(slices=1, rows=32, columns=32, seed=41))
+    template = pydicom.dcmread(next((folder / "template").iterdir()))
+    study_uid, series_uid = generate_uid(), generate_uid()
+    rng = np.random.default_rng(41)
+    paths = []
+    for n in range(count):
+        ds = template.copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = n + 1
+        ds.Rows, ds.Columns = rows, columns
+        ds.PixelData = rng.integers(0, 2000, (rows, columns), dtype=np.uint16).tobytes()
+        path = folder / f"big{n:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def test_a_100_mb_study_streams_in_and_out(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    paths = big_study(tmp_path / "big", count=100, rows=512, columns=1024)  # 100 x 1 MiB
+    study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    node = Node(data_dir=tmp_path / "node", database_url=f"sqlite:///{tmp_path / 'index.db'}",
+                config=node_config())  # fmt: skip
+    # The API alone (`pacsnode api`): one process whose memory is measured.
+    api = subprocess.Popen(
+        [sys.executable, "-m", "pacsnode", "api"],
+        env=node.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert api.stdout is not None
+        line = api.stdout.readline()
+        assert line.startswith("pacsnode api:"), line + api.stdout.read()
+        threading.Thread(target=api.stdout.read, daemon=True).start()  # drain the log
+        url = line.split(":", 1)[1].strip() + "/dicom-web"
+        tokens = make_tokens(node.database_url)
+        headers = {"Authorization": f"Bearer {tokens['admin']}"}
+        boundary = "pacsnode-big"
+        content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+        def upload(files: list[Path]) -> None:
+            def body() -> Iterator[bytes]:
+                for path in files:
+                    yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                    with path.open("rb") as fp:
+                        while chunk := fp.read(256 * 1024):
+                            yield chunk
+                    yield b"\r\n"
+                yield f"--{boundary}--\r\n".encode()
+
+            response = requests.post(
+                f"{url}/studies", data=body(), timeout=300,
+                headers={**headers, "Content-Type": content_type},
+            )  # fmt: skip
+            assert response.status_code == 200, response.text
+
+        received = []
+
+        def download() -> None:
+            accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+            with requests.get(
+                f"{url}/studies/{study_uid}", headers={**headers, "Accept": accept},
+                stream=True, timeout=300,
+            ) as response:  # fmt: skip
+                assert response.status_code == 200
+                received.append(sum(len(c) for c in response.iter_content(256 * 1024)))
+
+        # Warm up (imports, the index writer, first connections) with two instances.
+        upload(paths[:2])
+        download()
+        upload_growth = _peak_growth_mib(api.pid, lambda: upload(paths[2:]))
+        retrieve_growth = _peak_growth_mib(api.pid, download)
+        size = sum(p.stat().st_size for p in paths)
+        print(f"RSS growth: STOW-RS {upload_growth:.1f} MiB, WADO-RS {retrieve_growth:.1f} MiB")
+        assert size > 100 * 10**6 and received[-1] > size
+        assert upload_growth < 50, (
+            f"STOW-RS of {size / 2**20:.0f} MiB grew RSS by {upload_growth:.1f} MiB"
+        )
+        assert retrieve_growth < 50, (
+            f"WADO-RS of {size / 2**20:.0f} MiB grew RSS by {retrieve_growth:.1f} MiB"
+        )
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
