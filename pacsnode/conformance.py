@@ -148,7 +148,93 @@ def implementation_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def dicomweb_service_table() -> str:
+    """Every DICOMweb resource, from the routes the server registers."""
+    from fastapi.routing import APIRoute
+
+    from pacsnode.api.dicomweb import PREFIX, qido, rendered, stow, wado
+
+    lines = ["| Method | Resource | Transaction |", "| --- | --- | --- |"]
+    for module in (qido, wado, rendered, stow):
+        for route in module.router.routes:
+            if isinstance(route, APIRoute):
+                for method in sorted(route.methods or ()):
+                    lines.append(f"| {method} | `{PREFIX}{route.path}` | {route.summary} |")
+    return "\n".join(lines) + "\n"
+
+
+def dicomweb_media_table() -> str:
+    """Media types and transfer syntaxes each kind of resource negotiates."""
+    from pacsnode.api.dicomweb import common, stow, wado
+
+    def syntaxes(uids: Iterable[str]) -> str:
+        return ", ".join(f"`{uid}` ({_name(uid)})" for uid in uids)
+
+    multipart = common.MULTIPART
+    rows = [
+        ("QIDO-RS search", f"`{common.DICOM_JSON}`", "n/a"),
+        (
+            "WADO-RS study, series, instance",
+            f'`{multipart}; type="{common.DICOM}"`',
+            f"`*` (as stored); default {syntaxes([str(common.DEFAULT_TRANSFER_SYNTAX)])}; "
+            f"{syntaxes(wado.INSTANCE_TRANSFER_SYNTAXES)}",
+        ),
+        ("WADO-RS metadata", f"`{common.DICOM_JSON}` (BulkDataURIs)", "n/a"),
+        (
+            "WADO-RS frames",
+            f'`{multipart}; type="{common.OCTET_STREAM}"`',
+            f"`*` (as stored); default {syntaxes(wado.FRAME_TRANSFER_SYNTAXES)}",
+        ),
+        ("WADO-RS bulk data", f'`{multipart}; type="{common.OCTET_STREAM}"`', "as stored"),
+        (
+            "WADO-RS rendered, thumbnail",
+            ", ".join(f"`{t}`" for t in common.RENDERED_TYPES),
+            "n/a (8-bit, windowed)",
+        ),
+        (
+            "STOW-RS request",
+            ", ".join(f'`{multipart}; type="{t}"`' for t in stow.REQUEST_TYPES),
+            f"every transfer syntax of section 4.2 ({len(stow.TRANSFER_SYNTAXES)})",
+        ),
+        ("STOW-RS response", f"`{common.DICOM_JSON}`", "n/a"),
+    ]
+    lines = ["| Resource | Media types | Transfer syntaxes |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
+
+
+def dicomweb_query_table() -> str:
+    """QIDO-RS: the attributes returned by default at each level and the
+    query parameters besides the matching keys of section 6.1."""
+    from pacsnode.api.dicomweb.qido import CONTROL_PARAMETERS, DEFAULT_FIELDS
+
+    lines = ["| Level | Returned by default |", "| --- | --- |"]
+    for level, fields in DEFAULT_FIELDS.items():
+        lines.append(f"| {level.name} | {', '.join(fields)}, RetrieveURL |")
+    lines.append("")
+    lines.append("Query parameters besides matching keys: " + ", ".join(
+        f"`{p}`" for p in CONTROL_PARAMETERS
+    ) + ".")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def stow_failure_table() -> str:
+    """FailureReason values of STOW-RS: the C-STORE statuses of the errors."""
+    from pacsnode.scp.status import StoreStatus
+
+    lines = ["| FailureReason | Meaning |", "| --- | --- |"]
+    for status in StoreStatus:
+        if status is not StoreStatus.SUCCESS:
+            words = status.name.replace("_", " ").lower()
+            lines.append(f"| `0x{int(status):04X}` | {words} |")
+    return "\n".join(lines) + "\n"
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
+    "dicomweb-services": dicomweb_service_table,
+    "dicomweb-media": dicomweb_media_table,
+    "dicomweb-query": dicomweb_query_table,
+    "stow-failures": stow_failure_table,
     "implementation": implementation_table,
     "cfind-keys": cfind_key_table,
     "scp-sop-classes": scp_sop_class_table,
