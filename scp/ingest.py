@@ -15,6 +15,7 @@ status and the HTTP status; the incoming file is then removed.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +50,7 @@ class Expected:
 # The calling AE title of instances that arrive by STOW-RS: it selects their
 # completion policy (``peers``) and export rules (``calling_ae_titles``).
 STOW_AE_TITLE = "DICOMWEB"
+_GROUPS_LOCK = threading.Lock()
 
 
 def _check(record: InstanceRecord, expected: Expected) -> None:
@@ -100,6 +102,10 @@ def ingest(
         received.unlink(missing_ok=True)
         raise
     key = group_key(record, indexer.grouping(record))
-    indexer.index(record, opens=key not in groups_sent)
-    groups_sent.add(key)
+    # Parts of one STOW-RS request are ingested by several threads: one of
+    # them opens the group (counting it twice would hold its assembly back).
+    with _GROUPS_LOCK:
+        opens = key not in groups_sent
+        groups_sent.add(key)
+    indexer.index(record, opens=opens)
     return record

@@ -6,6 +6,7 @@ arrives (:class:`MultipartReader`), part data handed on in pieces.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from pacsnode.core.errors import MalformedBody
 
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024
 
 
 def new_boundary() -> str:
@@ -48,12 +49,21 @@ def file_chunks(path: Path) -> Iterator[bytes]:
 def stream_parts(
     boundary: str, parts: Iterable[tuple[str, str | None, Iterable[bytes]]]
 ) -> Iterator[bytes]:
-    """The body: for each (part type, Content-Location, chunks) a part."""
+    """The body: for each (part type, Content-Location, chunks) a part.
+    Small pieces are gathered up to :data:`CHUNK` bytes, so a study of small
+    instances goes out in few writes."""
+    pending: list[bytes] = []
+    size = 0
     for part_type, location, chunks in parts:
-        yield part_head(boundary, part_type, location)
-        yield from chunks
-        yield b"\r\n"
-    yield closing(boundary)
+        head = part_head(boundary, part_type, location)
+        for piece in itertools.chain((head,), chunks, (b"\r\n",)):
+            pending.append(piece)
+            size += len(piece)
+            if size >= CHUNK:
+                yield b"".join(pending)
+                pending, size = [], 0
+    pending.append(closing(boundary))
+    yield b"".join(pending)
 
 
 # -- reading a request body (STOW-RS) ---------------------------------------------------
@@ -174,16 +184,23 @@ class MultipartReader:
             index = buffer.find(self._delimiter)
             if index < 0:
                 if len(buffer) > keep:
-                    events.append(PartData(bytes(buffer[: len(buffer) - keep])))
-                    del buffer[: len(buffer) - keep]
+                    events.append(PartData(_take(buffer, len(buffer) - keep)))
                 return False
             if index:
-                events.append(PartData(bytes(buffer[:index])))
+                events.append(PartData(_take(buffer, index)))
             events.append(PartEnd())
-            del buffer[: index + len(self._delimiter)]
+            del buffer[: len(self._delimiter)]
             self._state = self._AFTER_DELIMITER
             return True
         return False
+
+
+def _take(buffer: bytearray, count: int) -> bytes:
+    """The first ``count`` bytes of ``buffer``, removed from it (one copy)."""
+    with memoryview(buffer) as view:
+        data = bytes(view[:count])
+    del buffer[:count]
+    return data
 
 
 def _headers(head: bytes) -> dict[str, str]:

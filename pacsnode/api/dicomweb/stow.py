@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -74,6 +75,7 @@ router = APIRouter(tags=["dicomweb"])
 STORAGE_SOP_CLASSES = frozenset(str(c.abstract_syntax) for c in StoragePresentationContexts)
 TRANSFER_SYNTAXES = frozenset(str(uid) for uid in ALL_TRANSFER_SYNTAXES)
 REQUEST_TYPES = (DICOM,)
+INGEST_THREADS = 8
 _MAX_WARNINGS = 20
 
 
@@ -223,48 +225,56 @@ def _uids(path: Path | None) -> tuple[str, str]:
     return (pair[0] if is_valid_uid(pair[0]) else "", pair[1] if is_valid_uid(pair[1]) else "")
 
 
+def _store_one(part: Part, backend: Backend, origin: Origin, study: str | None,
+               groups: set[str]) -> InstanceRecord:  # fmt: skip
+    if part.refused is not None:
+        raise part.refused
+    assert part.path is not None
+    try:
+        syntax = str(read_file_meta_info(part.path).TransferSyntaxUID)
+    except Exception:
+        raise InvalidDataset(
+            "the part is not a DICOM file with File Meta Information (PS3.10)"
+        ) from None
+    if syntax not in TRANSFER_SYNTAXES:
+        raise InvalidDataset("the transfer syntax is not one this node accepts")
+    if _uids(part.path)[0] not in STORAGE_SOP_CLASSES:
+        raise UnsupportedSopClass("the SOP Class is not a storage class this node accepts")
+    return ingest(
+        part.path,
+        transfer_syntax_uid=syntax,
+        origin=origin,
+        spool=backend.spool,
+        indexer=backend.indexer,
+        groups_sent=groups,
+        expected=Expected(study_instance_uid=study),
+    )
+
+
 def store_parts(parts: list[Part], backend: Backend, origin: Origin, study: str | None) -> Outcome:
-    """Ingest each received part as C-STORE would (blocking: run in a thread)."""
+    """Ingest each received part as C-STORE would (blocking: run in a
+    thread). Parts are ingested by a few threads at once, so their fsyncs
+    overlap and their index rows share commits (the group commit)."""
     outcome = Outcome()
     groups: set[str] = set()
-    for part in parts:
-        sop_class, sop_instance = _uids(part.path)
-        try:
-            if part.refused is not None:
-                raise part.refused
-            assert part.path is not None
-            try:
-                meta = read_file_meta_info(part.path)
-                syntax = str(meta.TransferSyntaxUID)
-            except Exception:
-                raise InvalidDataset(
-                    "the part is not a DICOM file with File Meta Information (PS3.10)"
-                ) from None
-            if syntax not in TRANSFER_SYNTAXES:
-                raise InvalidDataset("the transfer syntax is not one this node accepts")
-            if sop_class not in STORAGE_SOP_CLASSES:
-                raise UnsupportedSopClass("the SOP Class is not a storage class this node accepts")
-            stored = ingest(
-                part.path,
-                transfer_syntax_uid=syntax,
-                origin=origin,
-                spool=backend.spool,
-                indexer=backend.indexer,
-                groups_sent=groups,
-                expected=Expected(study_instance_uid=study),
-            )
-            outcome.stored.append(stored)
-        except Exception as exc:
-            _remove(part)
-            outcome.failed.append((part, sop_class, sop_instance, exc))
-            status = dimse_status(exc)
-            log.warning(
-                "STOW-RS from %s: part %d refused with 0x%04X: %s",
-                origin.peer_host,
-                part.number,
-                status,
-                exc if status != 0x0110 else type(exc).__name__,
-            )
+    uids = [_uids(part.path) for part in parts]
+    with ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="stow") as pool:
+        futures = [pool.submit(_store_one, part, backend, origin, study, groups) for part in parts]
+    for part, (sop_class, sop_instance), future in zip(parts, uids, futures, strict=True):
+        exc = future.exception()
+        if exc is None:
+            outcome.stored.append(future.result())
+            continue
+        _remove(part)
+        outcome.failed.append((part, sop_class, sop_instance, exc))
+        status = dimse_status(exc)
+        log.warning(
+            "STOW-RS from %s: part %d refused with 0x%04X: %s",
+            origin.peer_host,
+            part.number,
+            status,
+            exc if status != 0x0110 else type(exc).__name__,
+        )
     # As after an association's release: the assembler sees these groups end.
     backend.indexer.association_ended(sorted(groups), released=True)
     return outcome
