@@ -109,12 +109,13 @@ class Part:
     path: Path | None = None
     size: int = 0
     refused: Exception | None = None
+    uids: tuple[str, str] = ("", "")  # SOP Class and Instance, when readable and valid
 
 
 @dataclass
 class Outcome:
     stored: list[InstanceRecord] = field(default_factory=list)
-    failed: list[tuple[Part, str, str, Exception]] = field(default_factory=list)
+    failed: list[tuple[Part, BaseException]] = field(default_factory=list)
 
 
 def _check_content_type(value: str | None) -> str:
@@ -230,6 +231,7 @@ def _store_one(part: Part, backend: Backend, origin: Origin, study: str | None,
     if part.refused is not None:
         raise part.refused
     assert part.path is not None
+    part.uids = _uids(part.path)
     try:
         syntax = str(read_file_meta_info(part.path).TransferSyntaxUID)
     except Exception:
@@ -238,7 +240,7 @@ def _store_one(part: Part, backend: Backend, origin: Origin, study: str | None,
         ) from None
     if syntax not in TRANSFER_SYNTAXES:
         raise InvalidDataset("the transfer syntax is not one this node accepts")
-    if _uids(part.path)[0] not in STORAGE_SOP_CLASSES:
+    if part.uids[0] not in STORAGE_SOP_CLASSES:
         raise UnsupportedSopClass("the SOP Class is not a storage class this node accepts")
     return ingest(
         part.path,
@@ -257,16 +259,15 @@ def store_parts(parts: list[Part], backend: Backend, origin: Origin, study: str 
     overlap and their index rows share commits (the group commit)."""
     outcome = Outcome()
     groups: set[str] = set()
-    uids = [_uids(part.path) for part in parts]
     with ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="stow") as pool:
         futures = [pool.submit(_store_one, part, backend, origin, study, groups) for part in parts]
-    for part, (sop_class, sop_instance), future in zip(parts, uids, futures, strict=True):
+    for part, future in zip(parts, futures, strict=True):
         exc = future.exception()
         if exc is None:
             outcome.stored.append(future.result())
             continue
         _remove(part)
-        outcome.failed.append((part, sop_class, sop_instance, exc))
+        outcome.failed.append((part, exc))
         status = dimse_status(exc)
         log.warning(
             "STOW-RS from %s: part %d refused with 0x%04X: %s",
@@ -297,7 +298,8 @@ def _answer(request: Request, outcome: Outcome, study: str | None) -> JSONRespon
         referenced.append(item)
     failed = []
     warnings = []
-    for part, sop_class, sop_instance, exc in outcome.failed:
+    for part, exc in outcome.failed:
+        sop_class, sop_instance = part.uids
         item = Dataset()
         item.ReferencedSOPClassUID = sop_class or None
         item.ReferencedSOPInstanceUID = sop_instance or None
