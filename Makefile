@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export PACSNODE_DATA_DIR ?= $(CURDIR)/data
 export PACSNODE_CONFIG ?= $(CURDIR)/pacsnode.example.yaml
 
-.PHONY: run test install debian-packages services lint bench-ingest clean
+.PHONY: run test install debian-packages services lint bench-ingest bench-dicomweb clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || scripts/install-debian-packages python
@@ -37,6 +37,9 @@ lint: install
 
 bench-ingest: install debian-packages
 	$(BIN)/python bench/ingest
+
+bench-dicomweb: install debian-packages
+	$(BIN)/python bench/dicomweb
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
