@@ -1,5 +1,6 @@
 """The DICOMweb server (PS3.18) of a real ``pacsnode serve`` over HTTP, with
-dicomweb-client (Python) and raw requests: QIDO-RS, WADO-RS, STOW-RS, auth.
+dicomweb-client (Python), Orthanc's DICOMweb client and raw requests: QIDO-RS, WADO-RS,
+STOW-RS, auth.
 
 One node serves the module: a small phantom study (CT 10, PT 8, MR 3 + 3
 slices, 64² CT) sent by C-STORE with storescu; no models run. Every
@@ -27,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pacsnode.db.session import create_db_engine
 from pacsnode.db.tokens import create_token
 from pacsnode.lab.phantom import StudySpec, WrittenStudy, write_study
-from tests.support import Node, node_config, require_binary, storescu
+from tests.support import IN_CI, Node, node_config, require_binary, storescu
 
 SPEC = StudySpec(seed=21, size=64, slices=10)
 SERIES_SIZES = {"CT": 10, "PT": 8, "MR_T1": 3, "MR_T2": 3}
@@ -758,3 +759,57 @@ def test_a_100_mb_study_streams_in_and_out(tmp_path: Path) -> None:
     finally:
         api.terminate()
         api.wait(timeout=30)
+
+
+# -- Orthanc's DICOMweb client against pacsnode --------------------------------------
+
+
+def test_orthanc_dicomweb_client_finds_and_retrieves_a_pacsnode_study(dw: DW) -> None:
+    import json
+
+    from tests.orthanc import Orthanc, orthanc_binary
+
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    binary = orthanc_binary()
+    if binary is None or not plugin.exists():
+        message = "Orthanc with its DICOMweb plugin is not installed (orthanc-dicomweb)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+    class DicomwebOrthanc(Orthanc):
+        def configure(self) -> None:
+            super().configure()
+            path = self.home / "config.json"
+            config = json.loads(path.read_text())
+            config["Plugins"] = [str(plugin)]
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "Servers": {
+                    "pacsnode": {
+                        "Url": f"{dw.url}/",
+                        "HttpHeaders": {"Authorization": f"Bearer {dw.tokens['read']}"},
+                    }
+                },
+            }
+            path.write_text(json.dumps(config))
+
+    orthanc = DicomwebOrthanc(dw.work / "orthanc-client", binary).start()
+    try:
+        found = orthanc.post(
+            "/dicom-web/servers/pacsnode/qido",
+            {"Uri": "/studies", "Arguments": {"PatientID": dw.patient_id}},
+        )
+        # Orthanc's client simplifies the DICOM JSON it received: Value is a string.
+        assert [item["0020000D"]["Value"] for item in found] == [dw.study_uid]
+        orthanc.post(
+            "/dicom-web/servers/pacsnode/retrieve", {"Resources": [{"Study": dw.study_uid}]}
+        )
+        assert orthanc.count_instances() == sum(SERIES_SIZES.values()), orthanc.log()[-3000:]
+        sent = sent_files(dw)
+        for instance_id in orthanc.get("/instances"):
+            ds = pydicom.dcmread(BytesIO(orthanc.file(instance_id)))
+            assert ds.PixelData == pydicom.dcmread(sent[str(ds.SOPInstanceUID)]).PixelData
+    finally:
+        orthanc.stop()
