@@ -12,16 +12,19 @@ from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 
+import numpy
 import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from pacsnode.lab.phantom import StudySpec, write_study
 from tests.dicomweb_node import DW, dw, make_tokens, multipart_parts, same_elements
 from tests.support import Node, node_config
 
 __all__ = ["dw"]  # the module-scoped node fixture
+FRAMES = 'multipart/related; type="application/octet-stream"'
 
 
 # -- STOW-RS ---------------------------------------------------------------------------
@@ -110,6 +113,37 @@ def test_stow_every_transfer_syntax_the_node_accepts(dw: DW) -> None:
         assert client.search_for_instances(
             search_filters={"SOPInstanceUID": str(sent.SOPInstanceUID)}
         )[0]["00083002"]["Value"] == [syntax]
+        # The default (Explicit VR Little Endian): compressed ones are decoded.
+        if syntax == ExplicitVRBigEndian:
+            assert dw.get(instance).status_code == 406  # not converted: ask for *
+            continue
+        default = dw.get(instance)
+        if default.status_code == 406:  # pixel data no installed decoder can read
+            assert "transfer-syntax=*" in default.json()["detail"]
+            assert pydicom.dcmread(path).file_meta.TransferSyntaxUID.is_compressed
+            with pytest.raises(Exception):  # noqa: B017 - whichever the decoders raise
+                _ = pydicom.dcmread(path).pixel_array
+            continue
+        assert default.status_code == 200, (syntax, default.text)
+        (part,) = multipart_parts(default)
+        converted = pydicom.dcmread(BytesIO(part))
+        assert converted.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert converted.SOPInstanceUID == sent.SOPInstanceUID
+        original = pydicom.dcmread(path)
+        if "PixelData" not in original:
+            assert dw.get(f"{instance}/frames/1", headers={"Accept": FRAMES}).status_code == 404
+            continue
+        try:
+            pixels = original.pixel_array
+        except ValueError:  # a pydicom test file made to fail decoding (NumberOfFrames "1A")
+            continue
+        assert numpy.array_equal(converted.pixel_array, pixels), syntax
+        # Frames: decoded by default, as stored with transfer-syntax=*.
+        frames = dw.get(f"{instance}/frames/1", headers={"Accept": FRAMES})
+        assert frames.status_code == 200, (syntax, frames.text)
+        frame = multipart_parts(frames)[0]
+        expected = pixels if int(original.get("NumberOfFrames") or 1) == 1 else pixels[0]
+        assert frame == expected.astype(expected.dtype.newbyteorder("<")).tobytes(), syntax
 
 
 def test_stow_refusals_per_instance(dw: DW) -> None:

@@ -15,6 +15,7 @@ in an accepted form is refused with 406 before anything is sent.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -48,6 +49,7 @@ from pacsnode.api.dicomweb.multipart import content_type, file_chunks, new_bound
 from pacsnode.core.errors import InvalidDataset, InvalidQuery, NotAcceptable, NotFound
 from pacsnode.db.qr import StoredInstance
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["dicomweb"])
 
 # What each resource offers besides transfer-syntax=* (for the conformance statement).
@@ -57,17 +59,24 @@ ANY_NATIVE = str(UNCOMPRESSED[0])
 
 
 def transcode(path: Path, target: str) -> bytes:
-    """One stored instance re-encoded in an uncompressed ``target`` syntax."""
-    ds = dcmread(path)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        # Decoded to native pixels; the SOP Instance UID is kept (PS3.18 §8.7.3.5.3).
-        ds.decompress(generate_instance_uid=False)
-    ds.file_meta.TransferSyntaxUID = UID(target)
-    out = BytesIO()
-    ds.save_as(
-        out, implicit_vr=target == ImplicitVRLittleEndian, little_endian=True,
-        enforce_file_format=True,
-    )  # fmt: skip
+    """One stored instance re-encoded in an uncompressed ``target`` syntax;
+    NotAcceptable when its pixel data cannot be decoded."""
+    try:
+        ds = dcmread(path)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            # Decoded to native pixels; the SOP Instance UID is kept (PS3.18 §8.7.3.5.3).
+            ds.decompress(generate_instance_uid=False)
+        ds.file_meta.TransferSyntaxUID = UID(target)
+        out = BytesIO()
+        ds.save_as(
+            out, implicit_vr=target == ImplicitVRLittleEndian, little_endian=True,
+            enforce_file_format=True,
+        )  # fmt: skip
+    except Exception as exc:
+        raise NotAcceptable(
+            f"an instance cannot be converted to {target} ({type(exc).__name__}): "
+            "ask for transfer-syntax=*"
+        ) from None
     return out.getvalue()
 
 
@@ -86,6 +95,13 @@ def _instances_response(request: Request, settings: Any, found: list[StoredInsta
     _check(found, syntax)
     boundary = new_boundary()
     base = base_url(request)
+    # One instance is converted before the answer starts, so a failure is a 406.
+    # In a study or series, a conversion that fails mid-stream ends the
+    # response without its closing boundary: the client sees an incomplete
+    # body, never a complete-looking one that lacks an instance.
+    first = None
+    if len(found) == 1 and syntax not in (ANY, found[0].transfer_syntax_uid):
+        first = transcode(spool_path(settings, found[0]), syntax)
 
     def parts() -> Iterator[tuple[str, str | None, Any]]:
         for stored in found:
@@ -98,7 +114,14 @@ def _instances_response(request: Request, settings: Any, found: list[StoredInsta
                 chunks: Any = file_chunks(path)
                 sent = stored.transfer_syntax_uid
             else:
-                chunks = [transcode(path, syntax)]
+                try:
+                    chunks = [first if first is not None else transcode(path, syntax)]
+                except NotAcceptable:
+                    log.warning(
+                        "WADO-RS: instance %s cannot be converted to %s; response cut short",
+                        stored.sop_instance_uid, syntax,
+                    )  # fmt: skip
+                    raise
                 sent = syntax
             yield f"{DICOM}; transfer-syntax={sent}", location, chunks
 
@@ -300,7 +323,13 @@ def read_frames(path: Path, numbers: list[int], stored_syntax: str, as_stored: b
 
     out = []
     for n in numbers:
-        array = pixel_array(ds, index=n - 1)
+        try:
+            array = pixel_array(ds, index=n - 1)
+        except Exception as exc:
+            raise NotAcceptable(
+                f"the pixel data cannot be decoded ({type(exc).__name__}): "
+                "ask for transfer-syntax=*"
+            ) from None
         out.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
     return out
 
