@@ -268,6 +268,19 @@ def test_hostile_stow_bodies(dw: DW) -> None:
         )
         head = conn.recv(4096).decode("latin-1")
     assert head.startswith("HTTP/1.1 413"), head
+    # A huge length declared inside the data set's header swallows the rest of
+    # it: refused (the UIDs it hid are missing, or it cannot be parsed).
+    marker = b"\x08\x00\x30\x10LO"  # (0008,1030) Study Description, explicit VR LO
+    at = good.index(marker)
+    huge = good[:at] + b"\x08\x00\x30\x10UN\x00\x00\xf0\xff\xff\x7f" + good[at + 8 :]
+    response = stow(dw, multipart_body([("application/dicom", huge)]))
+    assert response.status_code == 409
+    reason = response.json()["00081198"]["Value"][0]["00081197"]["Value"][0]
+    assert reason in (0xC000, 0xA900), hex(reason)
+    assert (
+        "cannot be parsed" in response.headers["Warning"]
+        or "missing" in response.headers["Warning"]
+    )
     # Path-like and malformed UIDs: refused per instance, never a file outside the spool.
     for uid in ("../../../../tmp/evil", "1.2.3/../../x", "1.2.3.abc", "1." + "2" * 70):
         response = stow(
@@ -286,6 +299,47 @@ def test_hostile_stow_bodies(dw: DW) -> None:
     assert stow(dw, body).status_code == 200
 
 
+def test_stow_below_the_disk_watermark_is_refused(tmp_path: Path) -> None:
+    """``min_free_disk_mb`` applies to STOW-RS as to C-STORE: 0xA700, nothing stored."""
+    import subprocess
+    import sys
+
+    node = Node(data_dir=tmp_path / "node", database_url=f"sqlite:///{tmp_path / 'index.db'}",
+                config=node_config(min_free_disk_mb=10**9))  # fmt: skip
+    api = subprocess.Popen(
+        [sys.executable, "-m", "pacsnode", "api"],
+        env=node.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert api.stdout is not None
+        line = api.stdout.readline()
+        assert line.startswith("pacsnode api:"), line + api.stdout.read()
+        url = line.split(":", 1)[1].strip() + "/dicom-web"
+        tokens = make_tokens(node.database_url)
+        study = write_study(tmp_path / "study", StudySpec(seed=24, size=32, slices=2))
+        body = multipart_body([("application/dicom", study.series["CT"][0].read_bytes())])
+        response = requests.post(
+            f"{url}/studies", data=body, timeout=60,
+            headers={"Authorization": f"Bearer {tokens['store']}",
+                     "Content-Type": 'multipart/related; type="application/dicom"; '
+                     "boundary=pacsnode-test"},
+        )  # fmt: skip
+        assert response.status_code == 409, response.text
+        assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA700]
+        assert "watermark" in response.headers["Warning"]
+        search = requests.get(
+            f"{url}/instances", headers={"Authorization": f"Bearer {tokens['read']}"}, timeout=30
+        )
+        assert search.status_code == 204
+        assert not [p for p in (node.data_dir / "spool").rglob("*") if p.is_file()]
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+
+
 def test_stow_auth(dw: DW) -> None:
     body = multipart_body([("application/dicom", dw.study.series["CT"][0].read_bytes())])
     response = requests.post(
@@ -300,6 +354,22 @@ def test_stow_auth(dw: DW) -> None:
     response = stow(dw, body, role="read")
     assert response.status_code == 403 and "store" in response.json()["detail"]
     assert stow(dw, body, role="admin").status_code == 200
+    # Every store is in the audit trail, with the token's name and the outcome.
+    from sqlalchemy import select
+
+    from pacsnode.db.models import AuditEvent
+    from pacsnode.db.session import create_db_engine
+
+    engine = create_db_engine(dw.node.database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(AuditEvent.action, AuditEvent.actor, AuditEvent.outcome).where(
+                AuditEvent.action == "dicomweb.store"
+            )
+        ).all()
+    engine.dispose()
+    assert ("dicomweb.store", "token:dicomweb-admin", "ok") in rows
+    assert ("dicomweb.store", "token:dicomweb-store", "refused") in rows
 
 
 # -- a study stored by STOW-RS runs through the pipeline -------------------------------
