@@ -322,3 +322,22 @@ def test_orthanc_dicomweb_client_finds_and_retrieves_a_pacsnode_study(dw: DW) ->
             assert ds.PixelData == pydicom.dcmread(sent[str(ds.SOPInstanceUID)]).PixelData
     finally:
         orthanc.stop()
+
+
+def test_dicomweb_can_be_switched_off(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from pacsnode.api import create_app
+    from pacsnode.core.settings import load_settings
+    from pacsnode.db.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    engine = create_db_engine(url)
+    upgrade(engine)
+    on = load_settings(database_url=url, data_dir=tmp_path / "data")
+    off = load_settings(database_url=url, data_dir=tmp_path / "data", dicomweb={"enabled": False})
+    with TestClient(create_app(on, engine)) as client:
+        assert client.get("/dicom-web/studies").status_code == 401  # there, and not anonymous
+    with TestClient(create_app(off, engine)) as client:
+        assert client.get("/dicom-web/studies").status_code == 404
+    engine.dispose()
