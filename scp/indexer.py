@@ -97,6 +97,27 @@ class GroupCommitIndexer:
         except TimeoutError:
             raise IndexUnavailable("the index did not commit in time") from None
 
+    def index_many(
+        self, items: Sequence[tuple[InstanceRecord, bool]], timeout: float = 60.0
+    ) -> list[BaseException | None]:
+        """Queue every ``(record, opens)`` at once (they share commits) and wait
+        for all: for each, None once committed, or the error that refused it."""
+        futures: list[Future[None]] = []
+        for record, opens in items:
+            done: Future[None] = Future()
+            self._queue.put(_Store(record, opens, done))
+            futures.append(done)
+        outcomes: list[BaseException | None] = []
+        for done in futures:
+            try:
+                done.result(timeout)
+                outcomes.append(None)
+            except TimeoutError:
+                outcomes.append(IndexUnavailable("the index did not commit in time"))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
     def association_ended(
         self,
         key_uids: Sequence[str],

@@ -15,7 +15,6 @@ status and the HTTP status; the incoming file is then removed.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +49,6 @@ class Expected:
 # The calling AE title of instances that arrive by STOW-RS: it selects their
 # completion policy (``peers``) and export rules (``calling_ae_titles``).
 STOW_AE_TITLE = "DICOMWEB"
-_GROUPS_LOCK = threading.Lock()
 
 
 def _check(record: InstanceRecord, expected: Expected) -> None:
@@ -68,21 +66,17 @@ def _check(record: InstanceRecord, expected: Expected) -> None:
         raise NonConformantDataset("StudyInstanceUID differs from the study in the request URL")
 
 
-def ingest(
+def prepare(
     received: Path,
     *,
     transfer_syntax_uid: str,
     origin: Origin,
     spool: Spool,
-    indexer: GroupCommitIndexer,
-    groups_sent: set[str],
     expected: Expected = Expected(),
 ) -> InstanceRecord:
-    """Make ``received`` durable and indexed; return its index record.
-
-    ``groups_sent`` holds the assembly groups this association (or STOW-RS
-    request) has already sent; the group of this instance is added to it.
-    On a refusal the incoming file is removed and the error raised."""
+    """The durable half of ingesting: check, fsync and rename ``received``
+    into the spool; return its index record (not yet committed). On a
+    refusal the incoming file is removed and the error raised."""
     received_at = datetime.now(UTC)
     try:
         size = received.stat().st_size
@@ -101,11 +95,40 @@ def ingest(
     except BaseException:
         received.unlink(missing_ok=True)
         raise
+    return record
+
+
+def opens_group(record: InstanceRecord, indexer: GroupCommitIndexer, groups_sent: set[str]) -> bool:
+    """Whether ``record`` is the first of its assembly group on this
+    association (or STOW-RS request); notes its group as sent."""
     key = group_key(record, indexer.grouping(record))
-    # Parts of one STOW-RS request are ingested by several threads: one of
-    # them opens the group (counting it twice would hold its assembly back).
-    with _GROUPS_LOCK:
-        opens = key not in groups_sent
-        groups_sent.add(key)
-    indexer.index(record, opens=opens)
+    opens = key not in groups_sent
+    groups_sent.add(key)
+    return opens
+
+
+def ingest(
+    received: Path,
+    *,
+    transfer_syntax_uid: str,
+    origin: Origin,
+    spool: Spool,
+    indexer: GroupCommitIndexer,
+    groups_sent: set[str],
+    expected: Expected = Expected(),
+) -> InstanceRecord:
+    """Make ``received`` durable and indexed; return its index record.
+
+    ``groups_sent`` holds the assembly groups this association has already
+    sent; the group of this instance is added to it. On a refusal the
+    incoming file is removed and the error raised. (STOW-RS runs
+    :func:`prepare` for its parts in parallel, then commits their records
+    together with :meth:`GroupCommitIndexer.index_many`.)"""
+    record = prepare(
+        received, transfer_syntax_uid=transfer_syntax_uid, origin=origin, spool=spool,
+        expected=expected,
+    )  # fmt: skip
+    key = group_key(record, indexer.grouping(record))
+    indexer.index(record, opens=key not in groups_sent)
+    groups_sent.add(key)  # once committed: a refused instance opened nothing
     return record

@@ -65,7 +65,7 @@ from pacsnode.core.settings import Settings
 from pacsnode.db.index import InstanceRecord
 from pacsnode.scp.dataset import is_valid_uid
 from pacsnode.scp.indexer import GroupCommitIndexer
-from pacsnode.scp.ingest import STOW_AE_TITLE, Expected, Origin, ingest
+from pacsnode.scp.ingest import STOW_AE_TITLE, Expected, Origin, opens_group, prepare
 from pacsnode.scp.spool import Spool
 from pacsnode.scp.status import dimse_status
 
@@ -226,8 +226,7 @@ def _uids(path: Path | None) -> tuple[str, str]:
     return (pair[0] if is_valid_uid(pair[0]) else "", pair[1] if is_valid_uid(pair[1]) else "")
 
 
-def _store_one(part: Part, backend: Backend, origin: Origin, study: str | None,
-               groups: set[str]) -> InstanceRecord:  # fmt: skip
+def _prepare_one(part: Part, backend: Backend, origin: Origin, study: str | None) -> InstanceRecord:
     if part.refused is not None:
         raise part.refused
     assert part.path is not None
@@ -242,31 +241,41 @@ def _store_one(part: Part, backend: Backend, origin: Origin, study: str | None,
         raise InvalidDataset("the transfer syntax is not one this node accepts")
     if part.uids[0] not in STORAGE_SOP_CLASSES:
         raise UnsupportedSopClass("the SOP Class is not a storage class this node accepts")
-    return ingest(
+    return prepare(
         part.path,
         transfer_syntax_uid=syntax,
         origin=origin,
         spool=backend.spool,
-        indexer=backend.indexer,
-        groups_sent=groups,
         expected=Expected(study_instance_uid=study),
     )
 
 
 def store_parts(parts: list[Part], backend: Backend, origin: Origin, study: str | None) -> Outcome:
     """Ingest each received part as C-STORE would (blocking: run in a
-    thread). Parts are ingested by a few threads at once, so their fsyncs
-    overlap and their index rows share commits (the group commit)."""
+    thread), in two steps: the parts are checked, fsynced and renamed into
+    the spool by a few threads at once (their fsyncs overlap), then their
+    index rows are committed together (the group commit), and only then is
+    an instance reported stored."""
     outcome = Outcome()
     groups: set[str] = set()
     with ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="stow") as pool:
-        futures = [pool.submit(_store_one, part, backend, origin, study, groups) for part in parts]
+        futures = [pool.submit(_prepare_one, part, backend, origin, study) for part in parts]
+    prepared: list[tuple[Part, InstanceRecord]] = []
+    failed: list[tuple[Part, BaseException]] = []
     for part, future in zip(parts, futures, strict=True):
         exc = future.exception()
         if exc is None:
-            outcome.stored.append(future.result())
-            continue
-        _remove(part)
+            prepared.append((part, future.result()))
+        else:
+            _remove(part)
+            failed.append((part, exc))
+    items = [(r, opens_group(r, backend.indexer, groups)) for _, r in prepared]
+    for (part, stored), exc in zip(prepared, backend.indexer.index_many(items), strict=True):
+        if exc is None:
+            outcome.stored.append(stored)
+        else:
+            failed.append((part, exc))
+    for part, exc in sorted(failed, key=lambda item: item[0].number):
         outcome.failed.append((part, exc))
         status = dimse_status(exc)
         log.warning(
