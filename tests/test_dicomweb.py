@@ -37,8 +37,8 @@ __all__ = ["dw"]  # the module-scoped node fixture
 def test_search_every_level(dw: DW) -> None:
     client = dw.client()
     studies = client.search_for_studies()
-    assert [uid_of(s, "0020000D") for s in studies] == [dw.study_uid]
-    study = studies[0]
+    assert dw.study_uid in [uid_of(s, "0020000D") for s in studies]
+    study = next(s for s in studies if uid_of(s, "0020000D") == dw.study_uid)
     assert study["00100020"]["Value"] == [dw.patient_id]
     assert study["00201208"]["Value"] == [sum(SERIES_SIZES.values())]
     assert sorted(study["00080061"]["Value"]) == ["CT", "MR", "PT"]
@@ -46,7 +46,8 @@ def test_search_every_level(dw: DW) -> None:
 
     series = client.search_for_series(dw.study_uid)
     assert sorted(s["00201209"]["Value"][0] for s in series) == sorted(SERIES_SIZES.values())
-    assert len(client.search_for_series()) == len(SERIES_SIZES)  # /series, no study
+    mine = {"PatientID": dw.patient_id}  # other tests store other patients' studies
+    assert len(client.search_for_series(search_filters=mine)) == len(SERIES_SIZES)  # /series
     ct = next(s for s in series if s["00080060"]["Value"] == ["CT"])
     ct_uid = uid_of(ct, "0020000E")
     instances = client.search_for_instances(dw.study_uid, ct_uid)
@@ -54,7 +55,7 @@ def test_search_every_level(dw: DW) -> None:
     numbers = [i["00200013"]["Value"][0] for i in instances]
     assert numbers == sorted(numbers)
     assert len(client.search_for_instances(dw.study_uid)) == sum(SERIES_SIZES.values())
-    assert len(client.search_for_instances()) == sum(SERIES_SIZES.values())
+    assert len(client.search_for_instances(search_filters=mine)) == sum(SERIES_SIZES.values())
 
 
 def test_search_matching_includefield_limit_offset(dw: DW) -> None:
@@ -66,7 +67,7 @@ def test_search_matching_includefield_limit_offset(dw: DW) -> None:
     name = str(pydicom.dcmread(dw.study.series["CT"][0], stop_before_pixels=True).PatientName)
     wildcard = name[:3].lower() + "*"  # PN: case-insensitive, wildcards
     assert client.search_for_studies(search_filters={"PatientName": wildcard})
-    pt = client.search_for_series(search_filters={"00080060": "PT"})  # by tag
+    pt = client.search_for_series(search_filters={"00080060": "PT", "PatientID": dw.patient_id})
     assert len(pt) == 1 and "0008103E" in pt[0]
 
     # includefield adds attributes; "all" every attribute of the level and above.
@@ -80,10 +81,14 @@ def test_search_matching_includefield_limit_offset(dw: DW) -> None:
 
     # limit/offset page through the instances in order.
     total = sum(SERIES_SIZES.values())
-    pages = [client.search_for_instances(limit=10, offset=o) for o in range(0, total, 10)]
+    mine = {"PatientID": dw.patient_id}
+    pages = [
+        client.search_for_instances(search_filters=mine, limit=10, offset=o)
+        for o in range(0, total, 10)
+    ]
     uids = [uid_of(i, "00080018") for page in pages for i in page]
     assert len(uids) == total == len(set(uids))
-    more = dw.get("/instances?limit=5")
+    more = dw.get(f"/instances?limit=5&PatientID={dw.patient_id}")
     assert "offset=5" in more.headers["Warning"]
     fuzzy = dw.get("/studies?fuzzymatching=true")
     assert fuzzy.status_code == 200 and "fuzzymatching" in fuzzy.headers["Warning"]
@@ -341,3 +346,57 @@ def test_dicomweb_can_be_switched_off(tmp_path: Path) -> None:
     with TestClient(create_app(off, engine)) as client:
         assert client.get("/dicom-web/studies").status_code == 404
     engine.dispose()
+
+
+def test_segmentation_frames_are_packed_bits(dw: DW) -> None:
+    """A 1-bit DICOM-SEG (highdicom) of a 30x30 CT, both stored by STOW-RS in
+    a study of their own: each frame comes back packed on its own, although
+    frames 2 and 3 start inside a byte of the stored Pixel Data (900 bits each)."""
+    import highdicom as hd
+    import numpy as np
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    from pacsnode.lab.phantom import SeriesSpec, write_ct_series
+
+    ct = sorted(write_ct_series(dw.work / "seg-ct", SeriesSpec(slices=3, rows=30, columns=30)))
+    sources = [pydicom.dcmread(p) for p in ct]
+    dw.client("store").store_instances(sources)
+    mask = np.zeros((3, 30, 30), dtype=bool)
+    mask[0, 10:20, 10:30] = True
+    mask[1, 5:9, 3:4] = True
+    mask[2, 20:29, 2:5] = True
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="test", family=codes.cid7162.ArtificialIntelligence, version="1"
+    )
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[
+            hd.seg.SegmentDescription(
+                segment_number=1,
+                segment_label="test region (for testing)",
+                segmented_property_category=codes.SCT.Tissue,
+                segmented_property_type=codes.SCT.Tissue,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        ],
+        series_instance_uid=generate_uid(),
+        series_number=901,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="pacsnode tests",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
+        omit_empty_frames=False,
+    )
+    dw.client("store").store_instances([seg])
+    frames = dw.client().retrieve_instance_frames(
+        str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID), str(seg.SOPInstanceUID), [1, 2, 3]
+    )
+    from pydicom.pixels import pack_bits
+
+    assert frames == [pack_bits(mask[i].astype(np.uint8), pad=False) for i in range(3)]

@@ -293,10 +293,8 @@ def frame_numbers(text: str) -> list[int]:
 
 
 def _frame_length(ds: Dataset) -> int:
-    bits = int(ds.BitsAllocated)
-    if bits % 8:
-        raise NotAcceptable("frames of 1-bit pixel data are served as transfer-syntax=* only")
-    return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+    samples = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+    return samples * int(ds.BitsAllocated) // 8
 
 
 def read_frames(path: Path, numbers: list[int], stored_syntax: str, as_stored: bool) -> list[bytes]:
@@ -315,11 +313,12 @@ def read_frames(path: Path, numbers: list[int], stored_syntax: str, as_stored: b
     if syntax.is_compressed and as_stored:
         frames = list(generate_frames(ds.PixelData, number_of_frames=count))
         return [frames[n - 1] for n in numbers]
-    if not syntax.is_compressed and syntax != ExplicitVRBigEndian:
+    one_bit = int(ds.get("BitsAllocated", 8)) == 1  # frames may not start on a byte
+    if not syntax.is_compressed and syntax != ExplicitVRBigEndian and not one_bit:
         length = _frame_length(ds)
         data = ds.PixelData
         return [data[(n - 1) * length : n * length] for n in numbers]
-    from pydicom.pixels import pixel_array
+    from pydicom.pixels import pack_bits, pixel_array
 
     out = []
     for n in numbers:
@@ -330,7 +329,10 @@ def read_frames(path: Path, numbers: list[int], stored_syntax: str, as_stored: b
                 f"the pixel data cannot be decoded ({type(exc).__name__}): "
                 "ask for transfer-syntax=*"
             ) from None
-        out.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        if one_bit:  # a segmentation's frame, packed as in Pixel Data (PS3.5 8.1.1)
+            out.append(pack_bits(array, pad=False))
+        else:
+            out.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
     return out
 
 
