@@ -8,7 +8,6 @@ services negotiate with.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from pacsnode.core.errors import InvalidQuery, NotAcceptable, NotFound
 from pacsnode.core.settings import Settings
 from pacsnode.db import audit
 from pacsnode.db.qr import InformationModel, StoredInstance, instances, retrieve_query
-
-log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"

@@ -76,6 +76,7 @@ STORAGE_SOP_CLASSES = frozenset(str(c.abstract_syntax) for c in StoragePresentat
 TRANSFER_SYNTAXES = frozenset(str(uid) for uid in ALL_TRANSFER_SYNTAXES)
 REQUEST_TYPES = (DICOM,)
 INGEST_THREADS = 8
+MAX_PARTS = 100_000  # instances in one request: their bookkeeping is in memory
 _MAX_WARNINGS = 20
 
 
@@ -160,12 +161,15 @@ async def receive(request: Request, spool: Spool, settings: Settings) -> list[Pa
                 )
             for event in reader.feed(chunk):
                 if isinstance(event, PartStart):
+                    if len(parts) >= MAX_PARTS:
+                        raise MalformedBody(f"more than {MAX_PARTS} parts in one request")
                     current = Part(len(parts) + 1)
                     parts.append(current)
                     part_type = event.headers.get("content-type", DICOM)
                     media, _ = boundary_of(part_type)
                     if media != DICOM:
-                        current.refused = InvalidDataset(f"the part is {media}, not {DICOM}")
+                        shown = media if media.isascii() and media.isprintable() else "?"
+                        current.refused = InvalidDataset(f"the part is {shown[:64]}, not {DICOM}")
                         continue
                     incoming = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed at PartEnd)
                         dir=spool.incoming, prefix="stow-", delete=False
