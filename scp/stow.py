@@ -32,14 +32,18 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 from dicomweb_client import DICOMwebClient
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from requests import PreparedRequest, Response
+from requests.adapters import HTTPAdapter
 
 from pacsnode.core.errors import ConfigError, StowError, StowRejected, StowUnavailable
 from pacsnode.core.settings import Destination, Settings
+from pacsnode.core.tls import ClientTLS
 from pacsnode.db.exports import SendOutcome
 from pacsnode.scp.status import store_status_text
 
@@ -71,12 +75,29 @@ def _session(destination: Destination) -> requests.Session:
             session.headers["Authorization"] = f"Bearer {secret}"
         else:
             session.auth = (auth.username, secret)
-    tls = destination.tls
-    if tls is not None:
-        session.verify = str(tls.ca_file) if tls.ca_file is not None else True
-        if tls.cert_file is not None and tls.key_file is not None:
-            session.cert = (str(tls.cert_file), str(tls.key_file))
+    if destination.tls is not None:
+        session.mount("https://", _TLSAdapter(destination.tls))
     return session
+
+
+class _TLSAdapter(HTTPAdapter):
+    """The destination's ``tls`` on every https request: its CA file (else
+    the system's trusted CAs) and client certificate. Set here rather than on
+    the session, where ``REQUESTS_CA_BUNDLE`` in the environment would
+    override the configured CA file."""
+
+    def __init__(self, tls: ClientTLS) -> None:
+        super().__init__()
+        self._verify: bool | str = str(tls.ca_file) if tls.ca_file is not None else True
+        self._cert = (
+            (str(tls.cert_file), str(tls.key_file))
+            if tls.cert_file is not None and tls.key_file is not None
+            else None
+        )
+
+    def send(self, request: PreparedRequest, **kwargs: Any) -> Response:  # type: ignore[override]
+        kwargs["verify"], kwargs["cert"] = self._verify, self._cert
+        return super().send(request, **kwargs)
 
 
 def _read(export_id: int, path: Path) -> _Item | SendOutcome:

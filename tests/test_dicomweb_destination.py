@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ from tests.support import IN_CI, Node, node_config, storescu, wait_for
 from tests.test_assembly import FAST
 from tests.test_exports import T0, enqueue, rows, settings_for, spool
 from tests.test_results_orthanc import CT, JOB_TIMEOUT, read
+from tests.tlscerts import make_certificates
 
 USER, PASSWORD = "pacsnode", "stow-test-password-1f9c"
 
@@ -114,6 +116,9 @@ def test_a_destination_is_an_ae_or_a_url() -> None:
     assert "destinations.0.auth:" in refused({"url": "http://h", "auth": {"username": "u"}})
     assert "not both" in refused(
         {"url": "http://h", "auth": {"bearer_token": "t", "username": "u", "password": "p"}}
+    )
+    assert "an https url's certificate must name its host" in refused(
+        {"url": "https://h/dw", "tls": {"verify_hostname": False}}
     )
     assert "url destination only" in refused(
         {"ae_title": "A", "host": "h", "port": 1, "auth": {"bearer_token": "t"}}
@@ -199,6 +204,22 @@ def busy_server() -> Iterator[str]:
     thread.start()
     _Recorder.seen = []
     yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def busy_https(tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """The same server behind TLS, with a certificate for 127.0.0.1 from a test CA."""
+    certs = make_certificates(tmp_path / "certs")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.server.cert, certs.server.key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Recorder.seen = []
+    yield f"https://127.0.0.1:{server.server_address[1]}/dicom-web", certs
     server.shutdown()
     server.server_close()
 
@@ -353,6 +374,30 @@ def test_node_stows_seg_and_sr_to_orthanc_after_an_outage(
     log = node.log()
     assert PASSWORD not in log
     assert f"export to webpacs ({orthanc.dicomweb_url})" in log
+
+
+def test_stow_over_https_checks_the_certificate(
+    busy_https: tuple[str, Any], tmp_path: Path
+) -> None:
+    """An https url: the certificate is checked against tls.ca_file (or the
+    system's CAs); an untrusted one is a TLS failure and nothing is sent.
+    (The server answers 503 to what reaches it.)"""
+    url, certs = busy_https
+    paths = write_ct_series(
+        tmp_path / "ct", SeriesSpec(slices=1, rows=32, columns=32, seed=34, lesions=0)
+    )
+    settings = settings_for(tmp_path)
+
+    def stow_to(**tls: Any) -> Any:
+        dest = Destination(name="https", url=url, tls=tls or None)
+        return stow.send_batch(settings, dest, [(1, paths[0])])[1]
+
+    for untrusted in (stow_to(ca_file=certs.rogue_ca.cert), stow_to()):
+        assert not untrusted.sent and not untrusted.reached and not untrusted.permanent
+        assert "TLS failed (certificate verify failed)" in untrusted.reason
+    assert _Recorder.seen == []
+    trusted = stow_to(ca_file=certs.ca.cert, cert_file=certs.client.cert, key_file=certs.client.key)
+    assert "HTTP 503" in trusted.reason and len(_Recorder.seen) == 1
 
 
 def test_send_picks_the_transport(tmp_path: Path) -> None:

@@ -249,6 +249,11 @@ class Destination(BaseModel):
             )
         if self.auth is not None and self.url is None:
             raise ValueError("auth applies to a url destination only")
+        if self.url is not None and self.tls is not None and not self.tls.verify_hostname:
+            raise ValueError(
+                "tls.verify_hostname: false applies to DICOM destinations only; an https "
+                "url's certificate must name its host"
+            )
         return self
 
     @property
