@@ -29,11 +29,13 @@ from typing import Any, ClassVar
 import highdicom as hd
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 from pydicom import Dataset
 from sqlalchemy import Engine
 
+from pacsnode.api import create_app
 from pacsnode.core.errors import ConfigError
-from pacsnode.core.settings import Destination, load_settings
+from pacsnode.core.settings import ApiSettings, Destination, load_settings
 from pacsnode.db import exports
 from pacsnode.db.migrate import upgrade
 from pacsnode.db.session import create_db_engine
@@ -297,6 +299,23 @@ def test_stow_to_orthanc_outage_then_once_and_wrong_credentials_fail(
     assert PASSWORD not in caplog.text and "not-the-password" not in caplog.text
     assert orthanc.count_instances() == 3
 
+    # The API and the dashboard show the URL and the reason, never a credential.
+    admin = "a" * 40
+    shown = settings.model_copy(
+        update={"database_url": str(engine.url), "api": ApiSettings(bootstrap_token=admin)}
+    )
+    with TestClient(create_app(shown, engine)) as client:
+        headers = {"Authorization": f"Bearer {admin}"}
+        listed = client.get("/api/v1/exports", headers=headers)
+        assert listed.status_code == 200, listed.text
+        assert {item["url"] for item in listed.json()["items"]} == {orthanc.dicomweb_url}
+        page = client.get("/ui/exports", headers=headers)
+        assert page.status_code == 200
+        assert f"wrongpw ({orthanc.dicomweb_url})" in page.text
+        assert "HTTP 401 Unauthorized" in page.text
+        for text in (listed.text, page.text):
+            assert PASSWORD not in text and "not-the-password" not in text
+
 
 @pytest.mark.slow
 @pytest.mark.faults
@@ -374,6 +393,10 @@ def test_node_stows_seg_and_sr_to_orthanc_after_an_outage(
     log = node.log()
     assert PASSWORD not in log
     assert f"export to webpacs ({orthanc.dicomweb_url})" in log
+    table = node.cli("exports")
+    assert table.returncode == 0 and orthanc.dicomweb_url in table.stdout, table.stdout
+    shown = node.cli("config", "show")
+    assert shown.returncode == 0 and PASSWORD not in shown.stdout + table.stdout
 
 
 def test_stow_over_https_checks_the_certificate(
