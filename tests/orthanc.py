@@ -162,6 +162,14 @@ class Orthanc:
             payload = resp.read()
         return json.loads(payload) if payload else None
 
+    def request_status(self, path: str, body: Any = None, method: str = "POST") -> int:
+        """The HTTP status of a REST call that may fail (no exception for 4xx/5xx)."""
+        try:
+            self.request(path, method, body)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        return 200
+
     def _sign(self, req: urllib.request.Request) -> None:
         for user, password in list(self.users.items())[:1]:
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
