@@ -19,6 +19,8 @@ from __future__ import annotations
 import http.server
 import json
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -393,7 +395,13 @@ def test_node_stows_seg_and_sr_to_orthanc_after_an_outage(
     log = node.log()
     assert PASSWORD not in log
     assert f"export to webpacs ({orthanc.dicomweb_url})" in log
-    table = node.cli("exports")
+    table = subprocess.run(
+        [sys.executable, "-m", "pacsnode", "exports"],
+        env={**node.env(), "COLUMNS": "300"},  # one line per row
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert table.returncode == 0 and orthanc.dicomweb_url in table.stdout, table.stdout
     shown = node.cli("config", "show")
     assert shown.returncode == 0 and PASSWORD not in shown.stdout + table.stdout
