@@ -228,7 +228,6 @@ def busy_https(tmp_path: Path) -> Iterator[tuple[str, Any]]:
     server.server_close()
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_busy_destination_is_retried_and_gets_the_bearer_token(
     engine: Engine, busy_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
