@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,9 @@ from pacsnode.scp.status import store_status_text
 
 log = logging.getLogger(__name__)
 
-# PS3.18 §10.5.3: HTTP statuses that mean "later".
+# HTTP statuses that mean "later" (besides 5xx): Request Timeout, Too Early,
+# Too Many Requests (RFC 9110, RFC 8470, RFC 6585).
 TRANSIENT_HTTP = frozenset({408, 425, 429})
-# Response data sets come with these statuses (PS3.18 Table 10.5.3-1).
-WITH_RESPONSE = frozenset({200, 202, 409})
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +110,14 @@ def _read(export_id: int, path: Path) -> _Item | SendOutcome:
         return SendOutcome(False, reason=f"cannot read {path.name}: {reason}")
 
 
-def _http_error(url: str, status: int, reason: str) -> StowError:
-    words = f"STOW-RS to {url}: HTTP {status} {reason}".rstrip()
+def _http_error(url: str, status: int) -> StowError:
+    """The error for an HTTP status without a per-instance answer, in the
+    status's standard words (the server's own reason phrase is not kept)."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    words = f"STOW-RS to {url}: HTTP {status} {phrase}".rstrip()
     if status >= 500 or status in TRANSIENT_HTTP:
         return StowUnavailable(words)
     if status == 401:
@@ -139,7 +145,7 @@ def _post(destination: Destination, datasets: list[Dataset], timeout: float) -> 
             found = _response_dataset(response)
             if found is not None:
                 return found
-        raise _http_error(url, response.status_code, response.reason or "") from None
+        raise _http_error(url, response.status_code) from None
     except requests.Timeout:
         raise StowUnavailable(f"STOW-RS to {url}: no answer within {timeout:g} s") from None
     except requests.exceptions.SSLError as exc:
