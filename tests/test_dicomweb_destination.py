@@ -249,6 +249,20 @@ def test_a_busy_destination_is_retried_and_gets_the_bearer_token(
     assert request["Content-Type"].startswith('multipart/related; type="application/dicom"')
 
 
+def test_an_unset_secret_fails_the_export_with_the_variable_named(
+    engine: Engine, busy_server: str, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path)
+    dest = web_destination(busy_server, bearer_token_env="PACSNODE_TEST_NEVER_SET")
+    settings = settings.model_copy(update={"destinations": [dest]})
+    uids = spool(engine, settings.spool_dir, 1, seed=35)
+    enqueue(engine, sorted(uids), [dest])
+    assert run_due(engine, settings, now=T0).failed == 1
+    (row,) = rows(engine).values()
+    assert row.state == "failed" and "PACSNODE_TEST_NEVER_SET" in row.last_error
+    assert _Recorder.seen == []  # nothing was sent without its credentials
+
+
 # --- a real Orthanc with its DICOMweb plugin ---------------------------------------------
 
 
