@@ -84,7 +84,7 @@ def destinations_for(
     ``@sender`` resolves to the sending peer (it needs a ``port``); when it
     cannot, that destination is skipped with a warning naming the AE title.
     """
-    chosen: dict[tuple[str, str, int], Destination] = {}
+    chosen: dict[str, Destination] = {}
     for rule in settings.exports.rules:
         if not rule.matches(model_name, calling_ae_title):
             continue
@@ -103,11 +103,31 @@ def destinations_for(
                     calling_ae_title.strip(),
                 )
                 continue
-            chosen.setdefault((dest.ae_title, dest.host, dest.port), dest)
+            chosen.setdefault(dest.address, dest)
     return list(chosen.values())
 
 
 # --- enqueue -------------------------------------------------------------------
+
+
+def _address(dest: Destination) -> dict[str, Any]:
+    """The row's copy of where ``dest`` is: AE title, host and port, or the
+    URL (with an empty AE title and host, port 0)."""
+    return {
+        "ae_title": dest.ae_title or "",
+        "host": dest.host or "",
+        "port": dest.port or 0,
+        "url": dest.url,
+    }
+
+
+def row_destination(name: str, ae_title: str, host: str, port: int, url: str | None) -> Destination:
+    """The destination a row says it goes to (validated when enqueued; a
+    later configuration change must not wedge the row). Without TLS or
+    credentials: :func:`scp.export.run_due` adds the configured ones."""
+    if url:
+        return Destination.model_construct(name=name, url=url)
+    return Destination.model_construct(name=name, ae_title=ae_title, host=host, port=port)
 
 
 def enqueue_exports(
@@ -136,9 +156,7 @@ def enqueue_exports(
                     instance_pk=instance_pk,
                     job_pk=job_id,
                     destination=dest.name,
-                    ae_title=dest.ae_title,
-                    host=dest.host,
-                    port=dest.port,
+                    **_address(dest),
                     state=ExportState.PENDING,
                     attempts=0,
                     created_at=now,
@@ -167,6 +185,21 @@ def _due(now: datetime, lease_s: float) -> ColumnElement[bool]:
             Export.claimed_at < now - timedelta(seconds=lease_s),
         ),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What became of one object sent to a destination: ``sent`` (stored,
+    possibly with a warning), or why not, in a few words (UIDs, never patient
+    data). ``reached``: False when the destination could not be reached at
+    all (its other rows wait for their backoff). ``permanent``: the
+    destination refused for good, so the row fails now instead of retrying."""
+
+    sent: bool
+    status: int | None = None  # DIMSE status, or STOW-RS Failure/Warning Reason, if one came
+    reason: str = ""
+    reached: bool = True
+    permanent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +242,7 @@ def claim_due(
     # are locked from the first SELECT on, so the first round succeeds.
     for _ in range(_CLAIM_ROUNDS):
         first = conn.execute(
-            select(Export.destination, Export.ae_title, Export.host, Export.port)
+            select(Export.destination, Export.ae_title, Export.host, Export.port, Export.url)
             .where(due)
             .order_by(Export.next_attempt_at, Export.id)
             .limit(1)
@@ -217,7 +250,7 @@ def claim_due(
         ).first()
         if first is None:
             return None
-        name, ae_title, host, port = first
+        name, ae_title, host, port, url = first
         # The same name and address: a row enqueued before a configuration
         # change keeps going where it says it goes.
         same = (
@@ -225,6 +258,7 @@ def claim_due(
             Export.ae_title == ae_title,
             Export.host == host,
             Export.port == port,
+            Export.url.is_(None) if url is None else Export.url == url,
         )
         candidates = select(Export.id).where(due, *same)
         candidates = candidates.order_by(Export.next_attempt_at, Export.id).limit(limit)
@@ -238,10 +272,7 @@ def claim_due(
             ).scalars()
         )
         if claimed:
-            # Validated when enqueued; a later rule change must not wedge the row.
-            destination = Destination.model_construct(
-                name=name, ae_title=ae_title, host=host, port=port
-            )
+            destination = row_destination(name, ae_title, host, port, url)
             return Claim(destination, now, _claimed_items(conn, claimed))
     return None
 
@@ -289,7 +320,14 @@ def mark_sent(
             last_status=status,
             last_error="",
         )
-        .returning(Export.destination, Export.ae_title, Export.host, Export.port, Export.attempts)
+        .returning(
+            Export.destination,
+            Export.ae_title,
+            Export.host,
+            Export.port,
+            Export.url,
+            Export.attempts,
+        )
     ).first()
     if row is None:
         return False
@@ -307,10 +345,11 @@ def _audit(
     reason: str,
 ) -> None:
     """The export attempt's audit row, in the transaction that records it."""
-    destination, ae_title, host, port, attempts = row
+    destination, ae_title, host, port, url, attempts = row
+    address = row_destination(destination, ae_title, host, port, url).address
     audit.record(
         conn,
-        audit.Actor("export", f"node->{destination}", f"{ae_title}@{host}:{port}"),
+        audit.Actor("export", f"node->{destination}", address[:96]),
         "export.attempt",
         target=f"export:{export_id}",
         outcome=outcome,
@@ -349,11 +388,14 @@ def mark_failed(
     reason: str,
     status: int | None = None,
     draw: float | None = None,
+    permanent: bool = False,
 ) -> str | None:
     """Record a failed try: ``retrying`` with the next attempt after a
     backoff (never later than the deadline, so the last try happens at it),
-    or ``failed`` when the deadline has passed. ``reason`` must be short and
-    free of patient data; ``draw`` is the batch's jitter (:func:`backoff_s`).
+    or ``failed`` when the deadline has passed or the destination refused
+    for good (``permanent``: the same request would get the same answer).
+    ``reason`` must be short and free of patient data; ``draw`` is the
+    batch's jitter (:func:`backoff_s`).
     Returns the new state, None if the claim was lost."""
     row = conn.execute(
         select(
@@ -363,13 +405,14 @@ def mark_failed(
             Export.ae_title,
             Export.host,
             Export.port,
+            Export.url,
         ).where(*_claimed(export_id, claimed_at))
     ).first()
     if row is None:
         return None
     attempts, deadline = int(row[0]), utc(row[1])
     values: dict[str, Any] = {"last_error": reason[:ERROR_MAX], "last_status": status}
-    if now >= deadline:
+    if now >= deadline or permanent:
         values.update(state=ExportState.FAILED, next_attempt_at=None)
     else:
         delay = timedelta(seconds=backoff_s(policy, attempts, draw))
@@ -377,7 +420,7 @@ def mark_failed(
     result = conn.execute(update(Export).where(*_claimed(export_id, claimed_at)).values(**values))
     if not result.rowcount:
         return None
-    audit_row = (row[2], row[3], row[4], row[5], attempts)
+    audit_row = (row[2], row[3], row[4], row[5], row[6], attempts)
     _audit(conn, export_id, audit_row, now, str(values["state"]), status, reason[:ERROR_MAX])
     return str(values["state"])
 
@@ -399,7 +442,8 @@ def retry_exports(
     ``pending``, due now, with a new ``deadline`` and a fresh backoff;
     return how many. Filter by ``ids`` and ``destination``. With
     ``refresh`` (:func:`known_destinations`) a row takes its destination's
-    current AE title, host and port, so a corrected configuration applies."""
+    current AE title, host and port or URL, so a corrected configuration
+    applies."""
     if state not in RETRYABLE_STATES:
         raise InvalidRequest(f"only {' or '.join(RETRYABLE_STATES)} exports can be retried")
     where: list[ColumnElement[bool]] = [Export.state == state]
@@ -420,11 +464,7 @@ def retry_exports(
     ]
     for name in names:
         dest = (refresh or {}).get(name)
-        address = (
-            {}
-            if dest is None
-            else {"ae_title": dest.ae_title, "host": dest.host, "port": dest.port}
-        )
+        address = {} if dest is None else _address(dest)
         result = conn.execute(
             update(Export).where(*where, Export.destination == name).values(**values, **address)
         )
@@ -444,6 +484,7 @@ class ExportRow:
     ae_title: str
     host: str
     port: int
+    url: str | None
     state: str
     attempts: int
     created_at: datetime
@@ -453,8 +494,14 @@ class ExportRow:
     last_error: str
     last_status: int | None
 
+    @property
+    def address(self) -> str:
+        """``AE@host:port``, or the DICOMweb URL."""
+        return self.url or f"{self.ae_title}@{self.host}:{self.port}"
+
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["address"] = self.address
         for key, value in data.items():
             if isinstance(value, datetime):
                 data[key] = utc(value).isoformat()
@@ -480,6 +527,7 @@ def list_exports(
             Export.ae_title,
             Export.host,
             Export.port,
+            Export.url,
             Export.state,
             Export.attempts,
             Export.created_at,

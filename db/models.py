@@ -244,9 +244,12 @@ class Export(Base):
     name); sent by the ``export_due`` task (:mod:`scp.export`). The row is the
     export's whole state: a failure stays here, visible and re-triggerable
     (``pacsnode exports``), until the object is sent or the deadline passes.
-    The destination's AE title, host and port are copied at enqueue time, so
-    the row shows where it is really going even after the configuration
-    changes (``pacsnode exports retry`` refreshes them).
+    The destination's AE title, host and port (a DICOM destination) or its
+    URL (a DICOMweb destination: ``url`` set, empty AE title and host, port
+    0) are copied at enqueue time, so the row shows where it is really going
+    even after the configuration changes (``pacsnode exports retry``
+    refreshes them). Credentials are never stored: they stay in the
+    configuration, looked up by destination name when the row is sent.
 
     pending → sending (claimed by a worker) → sent, or → retrying (backoff)
     → sending … → failed (deadline passed); failed or retrying → pending by
@@ -266,6 +269,8 @@ class Export(Base):
     ae_title: Mapped[str] = mapped_column(String(16))
     host: Mapped[str] = mapped_column(String(255))
     port: Mapped[int] = mapped_column(Integer)
+    # A DICOMweb destination's base URL (STOW-RS); NULL for a DICOM AE.
+    url: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     # pending | sending | retrying | sent | failed
     state: Mapped[str] = mapped_column(String(16))
     # Sends tried so far: counted when a worker claims the row.
@@ -279,7 +284,8 @@ class Export(Base):
     deadline_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # Short, and never patient data (no peer-supplied Error Comment).
     last_error: Mapped[str] = mapped_column(String(256), default="")
-    # DIMSE status of the last C-STORE response (PS3.4 B.2.3), if one came.
+    # DIMSE status of the last C-STORE response (PS3.4 B.2.3), or the STOW-RS
+    # response's FailureReason / WarningReason for the instance (PS3.18), if one came.
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 

@@ -15,6 +15,11 @@ no response, or no association at all mean failed, with a reason an operator
 can act on. The peer's Error Comment is never kept: free text from a PACS may
 name the patient.
 
+A destination with a ``url`` is a DICOMweb service: :func:`send` is the one
+seam that picks the transport, C-STORE here or STOW-RS (:mod:`scp.stow`);
+both return a :class:`~pacsnode.db.exports.SendOutcome` per export row, so
+the rows, their backoff and deadline are the same for both.
+
 :func:`run_due` is the body of the ``export_due`` task: claim a destination's
 due rows (:mod:`db.exports`), send them, record each outcome, next batch.
 """
@@ -35,29 +40,21 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import _config
 from pynetdicom.association import Association
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+from pynetdicom.status import code_to_category
 from sqlalchemy import Engine
 
 from pacsnode.core.settings import Destination, Settings
 from pacsnode.db import exports
-from pacsnode.scp import scu
+from pacsnode.db.exports import SendOutcome
+from pacsnode.scp import scu, stow
 from pacsnode.scp.scu import MAX_CONTEXTS
+from pacsnode.scp.status import store_status_text
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 50
 # run_due claims no new batch after this long (the task's limit is longer).
 RUN_BUDGET_S = 120.0
-
-
-@dataclass(frozen=True, slots=True)
-class SendOutcome:
-    """What became of one object: ``sent`` (Success or Warning), or why not."""
-
-    sent: bool
-    status: int | None = None  # DIMSE status of the response, if one came
-    reason: str = ""  # failure (or warning) in a few words; UIDs, never patient data
-    reached: bool = True  # False: no association with the destination at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +116,6 @@ def _send_from_disk() -> Iterator[None]:
         _config.STORE_SEND_CHUNKED_DATASET = previous
 
 
-def _status_text(code: int) -> str:
-    category, description = STORAGE_SERVICE_CLASS_STATUS.get(code, (code_to_category(code), ""))
-    return f"0x{code:04X} {category}" + (f": {description}" if description else "")
-
-
 def _store(assoc: Association, item: _Item, message_id: int) -> SendOutcome:
     exact = any(
         cx.abstract_syntax == item.sop_class_uid
@@ -152,8 +144,8 @@ def _store(assoc: Association, item: _Item, message_id: int) -> SendOutcome:
     if category == "Success":
         return SendOutcome(True, code)
     if category == "Warning":  # PS3.4 B.2.3: stored, with coercion or discarded elements
-        return SendOutcome(True, code, f"stored with warning {_status_text(code)}")
-    return SendOutcome(False, code, f"C-STORE {_status_text(code)}")
+        return SendOutcome(True, code, f"stored with warning {store_status_text(code)}")
+    return SendOutcome(False, code, f"C-STORE {store_status_text(code)}")
 
 
 def _send_group(
@@ -163,7 +155,7 @@ def _send_group(
     outcomes: dict[int, SendOutcome],
 ) -> None:
     """C-STORE each item of ``group`` over ``assoc``; record each outcome."""
-    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    where = destination.address
     for n, item in enumerate(group):
         if not assoc.is_established:
             lost = SendOutcome(
@@ -223,6 +215,30 @@ def send_batch(
     return outcomes
 
 
+# --- one seam for both transports ---------------------------------------------------
+
+
+def send(
+    settings: Settings, destination: Destination, items: Sequence[tuple[int, Path]]
+) -> dict[int, SendOutcome]:
+    """Send the files ``items`` (export id, path) to ``destination``: by
+    STOW-RS to a ``url`` (:func:`scp.stow.send_batch`), else by C-STORE
+    (:func:`send_batch`); each export id's outcome."""
+    if destination.url is not None:
+        return stow.send_batch(settings, destination, items)
+    return send_batch(settings, destination, items)
+
+
+def configured(settings: Settings, row: Destination) -> Destination:
+    """The row's destination with the TLS settings and credentials the
+    configuration gives that name today (rows store neither). The row's
+    address stands: a row keeps going where it says it goes."""
+    current = exports.known_destinations(settings).get(row.name)
+    if current is None:
+        return row
+    return row.model_copy(update={"tls": current.tls, "auth": current.auth})
+
+
 # --- the export_due task's body ---------------------------------------------------
 
 
@@ -266,7 +282,7 @@ def run_due(
         summary.batches += 1
         items = [(c.id, settings.spool_dir / c.path) for c in claim.items]
         try:
-            outcomes = send_batch(settings, claim.destination, items)
+            outcomes = send(settings, configured(settings, claim.destination), items)
         except Exception as exc:  # a bug, not the network: record it on every row
             log.exception("export to %s failed unexpectedly", claim.destination.name)
             failed = SendOutcome(False, reason=f"internal error: {type(exc).__name__}")
@@ -293,6 +309,7 @@ def run_due(
                         reason=outcome.reason,
                         status=outcome.status,
                         draw=draw,
+                        permanent=outcome.permanent,
                     )
                     summary.failed += 1
         if any(not o.reached for o in outcomes.values()):

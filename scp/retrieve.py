@@ -207,7 +207,7 @@ def handle_move(event: Event, engine: Engine, settings: Settings) -> Iterator[An
         },
     )
     yield len(matched)
-    target = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    target = destination.address
     for response in _sub_operations(event, matched, settings.spool_dir):
         if response[0] == QRStatus.CANCEL:
             log.info(

@@ -29,7 +29,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import build_context
 
-from pacsnode.core.errors import AssociationRejected, NoAssociation, ScuError
+from pacsnode.core.errors import AssociationRejected, ConfigError, NoAssociation, ScuError
 from pacsnode.core.settings import Destination
 from pacsnode.core.tls import ClientTLS, client_context
 from pacsnode.scp import patches
@@ -53,7 +53,11 @@ class Peer:
 
     @classmethod
     def of(cls, destination: Destination) -> Peer:
-        return cls(destination.ae_title, destination.host, destination.port, destination.tls)
+        """The AE of a DICOM destination (a ``url`` destination has none)."""
+        ae_title, host, port = destination.ae_title, destination.host, destination.port
+        if ae_title is None or host is None or port is None:
+            raise ConfigError(f"destination {destination.name} is a DICOMweb url, not a DICOM AE")
+        return cls(ae_title, host, port, destination.tls)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"

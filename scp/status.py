@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
 from pacsnode.core.errors import DimseStatus, PacsnodeError
 
 
@@ -27,6 +29,14 @@ class StoreStatus(IntEnum):
     PROCESSING_FAILURE = 0x0110
     # PS3.7 C.4.2: Refused, SOP Class not supported (STOW-RS only).
     SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+
+def store_status_text(code: int) -> str:
+    """A Storage status in words: ``0xA700 Failure: Refused: Out of Resources``
+    (PS3.4 B.2.3, as pynetdicom names them; PS3.18 reuses them as STOW-RS
+    Failure and Warning Reasons)."""
+    category, description = STORAGE_SERVICE_CLASS_STATUS.get(code, (code_to_category(code), ""))
+    return f"0x{code:04X} {category}" + (f": {description}" if description else "")
 
 
 def dimse_status(exc: BaseException) -> StoreStatus:

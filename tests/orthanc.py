@@ -6,6 +6,13 @@ modality ``pacsnode`` so that its REST call ``/modalities/pacsnode/store``
 pushes a study to the node, as a PACS forwarding rule would. It can be
 stopped and started again on the same ports and storage (an outage).
 
+With ``dicomweb=True`` it loads its DICOMweb plugin (Debian
+``orthanc-dicomweb``) under ``/dicom-web/``: a STOW-RS destination for
+pacsnode's results, and a DICOMweb client of other servers
+(``dicomweb_servers``). With ``users`` its HTTP side (REST and DICOMweb)
+asks for HTTP basic authentication; the tests' own REST calls then sign in
+as the first user.
+
 Orthanc binds every interface (it has no listen-address option) and refuses
 instances without PatientID / Study / Series UIDs; ``TCP_NODELAY=1`` keeps
 dcmtk's Nagle delay off its receiving side (NOTES).
@@ -13,6 +20,7 @@ dcmtk's Nagle delay off its receiving side (NOTES).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -28,6 +36,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 HOST = "127.0.0.1"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def orthanc_binary() -> str | None:
@@ -53,7 +62,14 @@ class Orthanc:
     dicom_port: int = 0
     http_port: int = 0
     modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    dicomweb: bool = False
+    users: dict[str, str] = field(default_factory=dict)  # HTTP basic: user -> password
+    dicomweb_servers: dict[str, Any] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     @property
     def url(self) -> str:
@@ -68,7 +84,8 @@ class Orthanc:
             "StorageDirectory": str(self.home / "storage"),
             "IndexDirectory": str(self.home / "index"),
             "SyncStorageArea": True,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "RemoteAccessAllowed": True,
             "DicomAet": self.ae_title,
             "DicomPort": self.dicom_port,
@@ -76,7 +93,12 @@ class Orthanc:
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
+            "DicomWeb": {
+                "Enable": self.dicomweb,
+                "Root": "/dicom-web/",
+                "Servers": self.dicomweb_servers,
+            },
             "StableAge": 3600,
         }
         (self.home / "config.json").write_text(json.dumps(config, indent=2))
@@ -135,9 +157,23 @@ class Orthanc:
         """A REST call; ``body`` is sent as JSON, or as is when it is bytes."""
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
+        self._sign(req)
         with urllib.request.urlopen(req, timeout=120) as resp:
             payload = resp.read()
         return json.loads(payload) if payload else None
+
+    def request_status(self, path: str, body: Any = None, method: str = "POST") -> int:
+        """The HTTP status of a REST call that may fail (no exception for 4xx/5xx)."""
+        try:
+            self.request(path, method, body)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        return 200
+
+    def _sign(self, req: urllib.request.Request) -> None:
+        for user, password in list(self.users.items())[:1]:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
 
     def get(self, path: str) -> Any:
         return self.request(path)
@@ -153,6 +189,7 @@ class Orthanc:
             req = urllib.request.Request(
                 self.url + "/instances", data=path.read_bytes(), method="POST"
             )
+            self._sign(req)
             with urllib.request.urlopen(req, timeout=60):
                 pass
 
@@ -180,6 +217,7 @@ class Orthanc:
 
     def file(self, instance_id: str) -> bytes:
         req = urllib.request.Request(f"{self.url}/instances/{instance_id}/file")
+        self._sign(req)
         with urllib.request.urlopen(req, timeout=60) as resp:
             return bytes(resp.read())
 

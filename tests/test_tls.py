@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ import pytest
 
 from pacsnode.core.errors import ConfigError
 from pacsnode.core.settings import Destination, load_settings
+from pacsnode.db.migrate import upgrade
+from pacsnode.db.session import create_db_engine
 from pacsnode.lab.phantom import SeriesSpec, write_ct_series
-from pacsnode.scp.export import send_batch
+from pacsnode.scp.export import run_due, send_batch
 from tests.support import Node, free_port, node_config, require_binary, wait_for
+from tests.test_exports import enqueue, listening, rows, spool
 from tests.test_policy_and_faults import indexed_uids
 from tests.tlscerts import Certificates, make_certificates
 
@@ -161,6 +165,42 @@ def test_export_scu_to_storescp_over_tls(certs: Certificates, tmp_path: Path) ->
         (refused,) = send_batch(settings, untrusted, [(10, files[0])]).values()
         assert not refused.sent and not refused.reached
     finally:
+        peer.terminate()
+        peer.wait(timeout=10)
+
+
+@SQLITE_ONLY
+def test_queued_exports_keep_their_destinations_tls(
+    certs: Certificates, database_url: str, tmp_path: Path
+) -> None:
+    """Export rows store the address, not the TLS settings: the worker takes
+    them from the configured destination of that name when it sends, so a
+    queued export to a TLS destination goes over TLS (with the client
+    certificate storescp requires), never plain TCP."""
+    port = free_port()
+    received = tmp_path / "received"
+    peer = storescp_tls(certs, received, port)
+    engine = create_db_engine(database_url)
+    upgrade(engine)
+    try:
+        tls = {
+            "ca_file": certs.ca.cert,
+            "cert_file": certs.client.cert,
+            "key_file": certs.client.key,
+        }
+        dest = Destination(name="tlspacs", ae_title="TLSPACS", host="127.0.0.1", port=port, tls=tls)
+        settings = load_settings(
+            ae_title="PACSNODE", data_dir=tmp_path / "data", database_url=database_url,
+            destinations=[dest.model_dump()],
+        )  # fmt: skip
+        uids = spool(engine, settings.spool_dir, 2, seed=41)
+        enqueue(engine, sorted(uids), [dest], now=datetime.now(UTC))
+        wait_for(lambda: listening(port), what="storescp +tls to listen")
+        summary = run_due(engine, settings)
+        assert (summary.sent, summary.failed) == (2, 0), rows(engine)
+        assert sop_uids(list(received.iterdir())) == set(uids.values())
+    finally:
+        engine.dispose()
         peer.terminate()
         peer.wait(timeout=10)
 

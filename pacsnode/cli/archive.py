@@ -132,7 +132,7 @@ def exports_list(
     for row in rows:
         table.add_row(
             str(row.id), row.sop_instance_uid, row.destination,
-            f"{row.ae_title}@{row.host}:{row.port}", row.state, str(row.attempts),
+            row.address, row.state, str(row.attempts),
             _when(row.next_attempt_at), _when(row.deadline_at), _when(row.sent_at),
             row.last_error + (f" [0x{row.last_status:04X}]" if row.last_status else ""),
         )  # fmt: skip

@@ -369,3 +369,32 @@ class AssociationRejected(ScuError):
         class's disposition stays transient: exports keep their durable,
         bounded backoff either way."""
         return self.result == 1
+
+
+# -- STOW-RS to DICOMweb destinations ------------------------------------------------------
+
+
+class StowError(PacsnodeError):
+    """A STOW-RS request (PS3.18 §10.5) to a DICOMweb destination did not
+    store what was sent. The message names the destination's URL (never its
+    credentials) and the HTTP status or the instance's FailureReason."""
+
+    transient = True
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.BAD_GATEWAY
+
+
+class StowUnavailable(StowError):
+    """The destination cannot take it now: no connection, a timeout, HTTP
+    408, 429 or 5xx, or an instance refused for lack of resources (0xA7xx).
+    The export is retried with its backoff until its deadline."""
+
+
+class StowRejected(StowError):
+    """The destination refused for good: HTTP 4xx (wrong credentials, no
+    permission, a malformed request) or an instance refused with a
+    FailureReason such as 0xA9xx or 0xC000. Repeating the same request gives
+    the same answer, so the export fails at once with the reason; an operator
+    fixes the cause and retries it (``pacsnode exports retry``)."""
+
+    transient = False

@@ -84,7 +84,13 @@ THIRD_PARTY = (
     "fastapi",
     "multipart",
     "asyncio",
+    "dicomweb_client",
+    "requests",
 )
+# dicomweb-client's retry helper logs every failed request at WARNING with a
+# traceback, even with its retries off; pacsnode's STOW-RS sender logs the
+# same failure once, in words (scp/stow.py).
+REPEATS_OUR_WARNINGS = ("retrying",)
 
 
 def quiet_libraries(level: str) -> None:
@@ -100,3 +106,5 @@ def quiet_libraries(level: str) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if debug else "2")
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in REPEATS_OUR_WARNINGS:
+        logging.getLogger(name).setLevel(logging.ERROR)

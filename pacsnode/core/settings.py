@@ -13,6 +13,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -20,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -138,20 +140,128 @@ class Peer(BaseModel):
         return False
 
 
+class WebAuth(BaseModel):
+    """Credentials for a DICOMweb destination: a bearer token, or a user name
+    and password (HTTP basic), each secret given by value or by the name of
+    an environment variable read when the export is sent. Never logged,
+    never shown (``pacsnode config show`` masks them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bearer_token: SecretStr | None = Field(default=None, description="a bearer token")
+    bearer_token_env: str | None = Field(
+        default=None, min_length=1, description="the environment variable holding the token"
+    )
+    username: str | None = Field(default=None, min_length=1, description="HTTP basic user name")
+    password: SecretStr | None = Field(default=None, description="its password")
+    password_env: str | None = Field(
+        default=None, min_length=1, description="the environment variable holding the password"
+    )
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> WebAuth:
+        bearer = [k for k in ("bearer_token", "bearer_token_env") if getattr(self, k) is not None]
+        basic = [k for k in ("password", "password_env") if getattr(self, k) is not None]
+        if len(bearer) > 1 or len(basic) > 1:
+            raise ValueError(f"give one of {' or '.join(bearer if len(bearer) > 1 else basic)}")
+        if bearer and (basic or self.username is not None):
+            raise ValueError("give a bearer token or a username and password, not both")
+        if not bearer and (self.username is None or not basic):
+            raise ValueError(
+                "give bearer_token (or bearer_token_env), or username with password "
+                "(or password_env)"
+            )
+        return self
+
+    def secret(self) -> str:
+        """The token or the password, read now (from the environment when so
+        configured); ConfigError names the variable when it is not set."""
+        value, env = (
+            (self.bearer_token, self.bearer_token_env)
+            if self.username is None
+            else (self.password, self.password_env)
+        )
+        if value is not None:
+            return value.get_secret_value()
+        assert env is not None
+        found = os.environ.get(env)
+        if not found:
+            raise ConfigError(f"environment variable {env} (a destination's auth) is not set")
+        return found
+
+
+def _check_url(value: str) -> str:
+    """A DICOMweb base URL: http or https, a host, no credentials, no query."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("the url must not hold credentials: give them under auth")
+    if parts.query or parts.fragment:
+        raise ValueError("the url is a base URL: no query or fragment")
+    return value.rstrip("/")
+
+
+WebURL = Annotated[str, AfterValidator(_check_url)]
+
+
 class Destination(BaseModel):
-    """A remote AE that receives pacsnode's results by C-STORE."""
+    """Where results go: a DICOM AE by C-STORE (``ae_title``, ``host`` and
+    ``port``) or a DICOMweb service by STOW-RS (``url``, with optional
+    ``auth``). ``tls`` applies to both. Only an AE destination can be a
+    C-MOVE destination."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(
         min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="name used in export rules"
     )
-    ae_title: AETitle = Field(description="its called AE title")
-    host: Host = Field(description="its address or host name")
-    port: int = Field(ge=1, le=65535, description="its DICOM port")
-    tls: ClientTLS | None = Field(
-        default=None, description="TLS to this destination (PS3.15 B.9); null: plain TCP"
+    ae_title: AETitle | None = Field(default=None, description="its called AE title (C-STORE)")
+    host: Host | None = Field(default=None, description="its address or host name (C-STORE)")
+    port: int | None = Field(default=None, ge=1, le=65535, description="its DICOM port (C-STORE)")
+    url: WebURL | None = Field(
+        default=None,
+        description="a DICOMweb base URL (STOW-RS to {url}/studies) instead of an AE; "
+        "not a C-MOVE destination",
     )
+    auth: WebAuth | None = Field(default=None, description="credentials for the url (null: none)")
+    tls: ClientTLS | None = Field(
+        default=None,
+        description="TLS to this destination (PS3.15 B.9; for a url: its https "
+        "certificate check); null: plain TCP, or the system's CAs for https",
+    )
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> Destination:
+        dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
+        given = [key for key, value in dimse.items() if value is not None]
+        if self.url is not None:
+            if given:
+                raise ValueError(
+                    f"give either url (DICOMweb) or ae_title, host and port (DICOM), "
+                    f"not both: remove {', '.join(given)} or url"
+                )
+        elif len(given) < 3:
+            missing = [key for key in dimse if key not in given]
+            raise ValueError(
+                f"missing {', '.join(missing)}: a destination needs ae_title, host and port "
+                "(DICOM C-STORE) or a url (DICOMweb STOW-RS)"
+            )
+        if self.auth is not None and self.url is None:
+            raise ValueError("auth applies to a url destination only")
+        if self.url is not None and self.tls is not None and not self.tls.verify_hostname:
+            raise ValueError(
+                "tls.verify_hostname: false applies to DICOM destinations only; an https "
+                "url's certificate must name its host"
+            )
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where it is: ``AE@host:port`` or the URL (never credentials)."""
+        if self.url is not None:
+            return self.url
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 SENDER = "@sender"  # export rule destination: the AE that sent the study
@@ -178,8 +288,9 @@ class ExportRule(BaseModel):
 
 
 class ExportPolicy(BaseModel):
-    """Export of results by C-STORE (docs/architecture.md §3, exports): the rules choosing
-    destinations, and how long and how often a failed export is retried."""
+    """Export of results by C-STORE or STOW-RS (docs/architecture.md §3,
+    exports): the rules choosing destinations, and how long and how often a
+    failed export is retried."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -349,7 +460,9 @@ class Settings(BaseSettings):
         default=[], description="AEs allowed to associate (default-deny: empty = nobody)"
     )
     destinations: list[Destination] = Field(
-        default=[], description="where results go by C-STORE; also C-MOVE destinations"
+        default=[],
+        description="where results go by C-STORE or STOW-RS; AE destinations are also "
+        "C-MOVE destinations",
     )
     exports: ExportPolicy = Field(
         default=ExportPolicy(), description="which results go where, and their retries"
@@ -458,7 +571,7 @@ class Settings(BaseSettings):
         """Where a C-MOVE to ``ae_title`` goes: a configured destination with
         that AE title, else a peer with a ``port``; None if neither."""
         title = ae_title.strip()
-        found = next((d for d in self.destinations if d.ae_title == title), None)
+        found = next((d for d in self.destinations if d.url is None and d.ae_title == title), None)
         if found is not None:
             return found
         return self.sender_destination(title)
