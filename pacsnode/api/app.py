@@ -1,5 +1,6 @@
 """The FastAPI application: ``/api/v1`` (one router per resource),
-``/healthz``, ``/readyz``, ``/metrics``, and the dashboard under ``/ui``."""
+``/healthz``, ``/readyz``, ``/metrics``, the dashboard under ``/ui`` and the
+OHIF viewer under ``/viewer``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import Engine
 
-from pacsnode.api import dashboard, metrics
+from pacsnode.api import dashboard, metrics, viewer
 from pacsnode.api.deps import require_read
 from pacsnode.api.errors import pacsnode_error_response
 from pacsnode.api.routes import exports, health, jobs, models, results, stats, studies
@@ -51,6 +52,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(health.router)
     app.include_router(dashboard.router)
+    app.include_router(viewer.router)
 
     @app.get("/", include_in_schema=False)
     def home() -> RedirectResponse:
