@@ -8,9 +8,12 @@ index.html, and generates ``app-config.js``: one DICOMweb data source, the
 node's own ``/dicom-web`` on the same origin.
 
 Same origin, same sign-in: the dashboard's ``pacsnode_token`` cookie (or a
-bearer header) is required for every file; a page request without it goes to
-the dashboard's login, which comes back here. Opening a viewer page is
-audited (``ui.viewer``); its scripts and images are not.
+bearer header) is required for the pages and ``app-config.js``; a page
+request without it goes to the dashboard's login, which comes back here.
+OHIF's own scripts, styles and icons hold no patient data and are served to
+anyone (a browser fetches the web manifest without cookies); the studies
+come from ``/dicom-web``, which requires the same sign-in. Opening a viewer
+page is audited (``ui.viewer``).
 
 Without an installed viewer, ``/viewer/`` answers a 404 page that names the
 command installing it; the rest of the node runs as usual.
@@ -180,21 +183,17 @@ def viewer_config(request: Request, settings: SettingsDep, engine: EngineDep) ->
 
 @router.get(PREFIX + "/{rest:path}")
 def viewer_file(request: Request, settings: SettingsDep, engine: EngineDep, rest: str) -> Response:
-    principal = authenticate(request, settings, engine)
     root = settings.viewer_dir
     path = _resolve(root, rest) if rest else None
     if path is not None and path.name != "index.html":
-        if principal is None:
-            raise HTTPException(401, detail="sign in on the dashboard first (/ui/login)")
-        return _file(path)
+        return _file(path)  # OHIF's own scripts, styles and icons: no patient data
     if path is None and "." in PurePosixPath(rest).name:
         # A missing script or image: a 404, not the application page.
-        if principal is None:
-            raise HTTPException(401, detail="sign in on the dashboard first (/ui/login)")
         if not installed(settings):
             return _not_installed(settings)
         raise HTTPException(404, detail=f"no such viewer file: {rest[:200]}")
     # A page: the study list, /viewer/viewer?StudyInstanceUIDs=..., any client route.
+    principal = authenticate(request, settings, engine)
     if principal is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/ui/login?next={quote(target, safe='')}", status_code=303)
