@@ -166,7 +166,8 @@ def test_viewer_files_config_and_sign_in(stored: Stored) -> None:
     # The dashboard links to it.
     study_page = signed.get(f"/ui/studies/{stored.study_uid}").text
     assert f'href="/viewer/viewer?StudyInstanceUIDs={stored.study_uid}"' in study_page
-    assert "Open in viewer" in signed.get("/ui/studies").text
+    studies_page = signed.get("/ui/studies").text
+    assert "Open in viewer" in studies_page and 'href="/viewer/" id="nav-viewer"' in studies_page
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -329,3 +330,51 @@ def test_ohif_shows_the_study_its_segments_and_report(
         # Without OHIF's notice on the SEG's missing display colours.
         wait_for(lambda: "DICOM SEG import" not in body(), 30, "the SEG notice to close")
         browser.save_screenshot(screenshot)
+
+
+# --- scripts/install-viewer -----------------------------------------------------
+
+
+def _installer() -> Any:
+    """scripts/install-viewer as a module (it has no .py suffix)."""
+    import importlib.machinery
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "install-viewer"
+    loader = importlib.machinery.SourceFileLoader("install_viewer", str(path))
+    spec = importlib.util.spec_from_loader("install_viewer", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_install_viewer_is_idempotent_and_checks_what_it_unpacks(tmp_path: Path) -> None:
+    import subprocess
+    import tarfile
+
+    _need_viewer()
+    script = Path(__file__).resolve().parent.parent / "scripts" / "install-viewer"
+    again = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "already installed" in again.stdout
+    installer = _installer()
+    assert (DEFAULT_VIEWER_DIR / ".pacsnode-viewer").read_text() == installer.stamp_text()
+    assert not (DEFAULT_VIEWER_DIR / "app-config.js").exists()  # the node makes its own
+
+    # Other bytes than the pinned release: refused.
+    forged = tmp_path / "ohif-app-3.13.2.tgz"
+    forged.write_bytes(b"not the release")
+    with pytest.raises(SystemExit):
+        installer.verify(forged)
+    # A member that would land outside the folder: refused.
+    hostile = tmp_path / "hostile.tgz"
+    payload = tmp_path / "payload"
+    payload.write_text("x")
+    with tarfile.open(hostile, "w:gz") as archive:
+        archive.add(payload, arcname="package/dist/../../escaped")
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(SystemExit):
+        installer.unpack(hostile, target)
+    assert not (tmp_path / "escaped").exists()
