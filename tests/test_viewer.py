@@ -110,8 +110,9 @@ def test_viewer_files_config_and_sign_in(stored: Stored) -> None:
         "/ui/login", data={"token": stored.token, "next": page}, follow_redirects=False
     )
     assert login.status_code == 303 and login.headers["location"] == page
-    elsewhere = signed.post("/ui/login", data={"token": stored.token, "next": "//evil.example/"})
-    assert elsewhere.headers["location"] == "/ui/"
+    for other in ("//evil.example/", "https://evil.example/", "/viewer/\r\nX-A: b", "/\\evil"):
+        elsewhere = signed.post("/ui/login", data={"token": stored.token, "next": other})
+        assert elsewhere.status_code == 303 and elsewhere.headers["location"] == "/ui/", other
 
     # index.html for every client-side route, rewritten to live under /viewer/.
     for route in ("/viewer/", page, "/viewer/segmentation?StudyInstanceUIDs=1.2.3"):

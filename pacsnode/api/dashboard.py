@@ -60,7 +60,8 @@ def _page(request: Request, name: str, **context: Any) -> HTMLResponse:
 def _next_page(value: str) -> str:
     """Where to go after signing in: a page of the dashboard or the viewer
     on this node, never another site."""
-    if value.startswith(("/ui/", "/viewer/")) and "\\" not in value and len(value) <= 2048:
+    plain = all(0x20 < ord(ch) < 0x7F and ch != "\\" for ch in value)
+    if value.startswith(("/ui/", "/viewer/")) and plain and len(value) <= 2048:
         return value
     return "/ui/"
 
