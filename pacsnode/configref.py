@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from pacsnode.core.settings import BUNDLED_MODELS_DIR, CONFIG_ENV, Settings
+from pacsnode.core.settings import BUNDLED_MODELS_DIR, CONFIG_ENV, DEFAULT_VIEWER_DIR, Settings
 
 HEADER = f"""# Configuration reference
 
@@ -62,6 +62,8 @@ def _default(field: FieldInfo) -> str:
     if isinstance(value, Path):
         if value == BUNDLED_MODELS_DIR:
             return "the bundled models folder"
+        if value == DEFAULT_VIEWER_DIR:
+            return "`build/viewer` of the checkout"
         try:
             return f"`~/{value.relative_to(Path.home())}`"
         except ValueError:

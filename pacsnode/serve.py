@@ -29,6 +29,8 @@ from pacsnode.db.session import create_db_engine
 from pacsnode.firstrun import issue_link, needs_link, next_steps
 from pacsnode.scp import patches
 from pacsnode.scp.server import SCPSupervisor, Service
+from pacsnode.viewerfiles import installed as viewer_installed
+from pacsnode.viewerfiles import missing_message as viewer_missing
 from pacsnode.workers.assembler import run_assembler
 
 if TYPE_CHECKING:
@@ -106,7 +108,12 @@ def first_hour(settings: Settings, dicom_port: int, api_url: str) -> list[str]:
         link = issue_link(settings, engine, api_url) if needs_link(settings, engine) else None
     finally:
         engine.dispose()
-    return next_steps(settings, dicom_port, api_url, link)
+    if viewer_installed(settings):
+        more = [("Open a study in the OHIF viewer", f"{api_url}/viewer/")]
+    else:
+        log.warning("%s", viewer_missing(settings))
+        more = [("Viewer", viewer_missing(settings))]
+    return next_steps(settings, dicom_port, api_url, link, more)
 
 
 def serve(settings: Settings, embedded_worker: bool = True) -> int:

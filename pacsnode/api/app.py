@@ -1,6 +1,7 @@
 """The FastAPI application: ``/api/v1`` (one router per resource),
 ``/healthz``, ``/readyz``, ``/metrics``, the dashboard under ``/ui`` and the
-DICOMweb server under ``/dicom-web`` (:mod:`pacsnode.api.dicomweb`)."""
+DICOMweb server under ``/dicom-web`` (:mod:`pacsnode.api.dicomweb`) and the
+OHIF viewer under ``/viewer``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import Engine
 
-from pacsnode.api import dashboard, metrics
+from pacsnode.api import dashboard, metrics, viewer
 from pacsnode.api.deps import require_read
 from pacsnode.api.dicomweb import PREFIX as DICOMWEB_PREFIX
 from pacsnode.api.dicomweb import create_dicomweb_app
@@ -54,6 +55,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(health.router)
     app.include_router(dashboard.router)
+    app.include_router(viewer.router)
     if settings.dicomweb.enabled:
         app.mount(DICOMWEB_PREFIX, create_dicomweb_app(settings, app.state.engine))
 

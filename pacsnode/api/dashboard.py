@@ -1,7 +1,9 @@
 """The dashboard: server-rendered pages (Jinja2), no front-end build.
 
 Sign-in: the login form takes an API token and sets it as the HttpOnly,
-SameSite=Strict ``pacsnode_token`` cookie; a bearer header works too. Pages
+SameSite=Strict ``pacsnode_token`` cookie (also what the OHIF viewer at
+``/viewer/`` signs in with: :mod:`pacsnode.api.viewer`, whose pages send a
+visitor here with ``?next=`` and get them back); a bearer header works too. Pages
 need a read token; the retry buttons (plain HTML forms posting to the
 dashboard) need an admin token. The pages use the same query layer as the
 API and the CLI, and audit the same way.
@@ -29,6 +31,7 @@ from pacsnode.api.deps import (
 )
 from pacsnode.api.overlay import key_image
 from pacsnode.api.routes.common import audited
+from pacsnode.api.viewer import viewer_link
 from pacsnode.core.errors import NotFound
 from pacsnode.core.states import RETRYABLE_EXPORT_STATES, JobState
 from pacsnode.db.admin import list_jobs, retry_jobs
@@ -57,21 +60,35 @@ def _page(request: Request, name: str, **context: Any) -> HTMLResponse:
     return templates.TemplateResponse(request, name, context)
 
 
+def _next_page(value: str) -> str:
+    """Where to go after signing in: a page of the dashboard or the viewer
+    on this node, never another site."""
+    plain = all(0x20 < ord(ch) < 0x7F and ch != "\\" for ch in value)
+    if value.startswith(("/ui/", "/viewer/")) and plain and len(value) <= 2048:
+        return value
+    return "/ui/"
+
+
 @router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request) -> HTMLResponse:
-    return _page(request, "login.html", error="")
+def login_form(request: Request, next: str = "") -> HTMLResponse:
+    return _page(request, "login.html", error="", next=_next_page(next))
 
 
 @router.post("/login")
 def login(
-    request: Request, settings: SettingsDep, engine: EngineDep, token: Annotated[str, Form()]
+    request: Request,
+    settings: SettingsDep,
+    engine: EngineDep,
+    token: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "/ui/",
 ) -> Response:
+    target = _next_page(next)
     principal = check_token(token.strip(), client_address(request), settings, engine)
     if principal is None:
-        return _page(request, "login.html", error="unknown or revoked token")
+        return _page(request, "login.html", error="unknown or revoked token", next=target)
     if principal.role not in VIEW_ROLES:
-        return _page(request, "login.html", error="a store token cannot sign in")
-    response = RedirectResponse("/ui/", status_code=303)
+        return _page(request, "login.html", error="a store token cannot sign in", next=target)
+    response = RedirectResponse(target, status_code=303)
     secure = request.url.scheme == "https"
     response.set_cookie(
         COOKIE, token.strip(), httponly=True, samesite="strict", secure=secure, path="/"
@@ -161,6 +178,7 @@ def studies(
     return _page(
         request,
         "studies.html",
+        viewer_link=viewer_link,
         items=items,
         total=total,
         q=q,
@@ -186,6 +204,7 @@ def study(request: Request, settings: SettingsDep, engine: EngineDep, uid: str) 
     return _page(
         request,
         "study.html",
+        viewer=viewer_link(found.study_instance_uid),
         study=found,
         series=series,
         findings=findings,

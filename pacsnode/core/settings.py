@@ -37,6 +37,9 @@ CONFIG_ENV = "PACSNODE_CONFIG"
 # package beside this one. Found by location, not by ``import models``: a
 # ``models/`` folder in the working directory could shadow that name.
 BUNDLED_MODELS_DIR = (Path(__file__).parent.parent / "models" / "bundled").resolve()
+# Where ``scripts/install-viewer`` puts the OHIF viewer by default: build/viewer/
+# of the checkout this package runs from (docs/viewer.md).
+DEFAULT_VIEWER_DIR = (Path(__file__).parent.parent.parent / "build" / "viewer").resolve()
 
 
 def _check_ae_title(value: str) -> str:
@@ -511,11 +514,16 @@ class Settings(BaseSettings):
         description="one sub-folder per model (manifest.yaml + weights), checked at start-up "
         "(default: the bundled demonstration models)",
     )
+    viewer_dir: Path = Field(
+        default=DEFAULT_VIEWER_DIR,
+        description="the OHIF viewer served at /viewer/, as scripts/install-viewer installs it "
+        "(default: build/viewer/ of the checkout; missing: /viewer/ says how to install it)",
+    )
     disabled_models: list[Annotated[str, Field(min_length=1)]] = Field(
         default=[], description='models not to run: "name" (every version) or "name@version"'
     )
 
-    @field_validator("data_dir", "models_dir")
+    @field_validator("data_dir", "models_dir", "viewer_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()

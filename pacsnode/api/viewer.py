@@ -1,0 +1,205 @@
+"""The OHIF viewer at ``/viewer/`` (docs/viewer.md).
+
+The files are OHIF's built viewer as ``scripts/install-viewer`` leaves them
+in ``viewer_dir`` (rewritten there to live under ``/viewer/``); this module
+serves them with their media types and cache headers, answers client-side
+routes (the study list, ``/viewer/viewer?StudyInstanceUIDs=...``) with
+index.html, and generates ``app-config.js``: one DICOMweb data source, the
+node's own ``/dicom-web`` on the same origin.
+
+Same origin, same sign-in: the dashboard's ``pacsnode_token`` cookie (or a
+bearer header) is required for the pages and ``app-config.js``; a page
+request without it goes to the dashboard's login, which comes back here.
+OHIF's own scripts, styles and icons hold no patient data and are served to
+anyone (a browser fetches the web manifest without cookies); the studies
+come from ``/dicom-web``, which requires the same sign-in. Opening a viewer
+page is audited (``ui.viewer``).
+
+Without an installed viewer, ``/viewer/`` answers a 404 page that names the
+command installing it; the rest of the node runs as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+
+from pacsnode.api.deps import EngineDep, SettingsDep, authenticate
+from pacsnode.api.routes.common import audited
+from pacsnode.core.settings import Settings
+from pacsnode.viewerfiles import installed, missing_message
+
+PREFIX = "/viewer"
+DICOMWEB_ROOT = "/dicom-web"
+router = APIRouter(include_in_schema=False)
+
+MEDIA_TYPES = {
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".css": "text/css",
+    ".html": "text/html; charset=utf-8",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".wasm": "application/wasm",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+    ".woff": "font/woff",
+    ".ttf": "font/ttf",
+    ".xml": "application/xml",
+    ".txt": "text/plain; charset=utf-8",
+}
+# Content-hashed names (``app.bundle.0f6159c501addfe9.js``, ``776f756dd939124e.wasm``)
+# never change content: the browser keeps them for a year.
+HASHED = re.compile(r"(^|\.)[0-9a-f]{16,}\.[a-z0-9]+$")
+IMMUTABLE = "private, max-age=31536000, immutable"
+REVALIDATE = "no-cache"
+
+
+def viewer_link(study_instance_uid: str) -> str:
+    """The viewer page showing one study (OHIF's basic viewer mode)."""
+    return f"{PREFIX}/viewer?StudyInstanceUIDs={quote(study_instance_uid, safe='')}"
+
+
+def media_type(path: Path) -> str:
+    known = MEDIA_TYPES.get(path.suffix.lower())
+    return known or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def app_config() -> str:
+    """OHIF's ``window.config``: the node's DICOMweb service as its only data source."""
+    source = {
+        "friendlyName": "pacsnode",
+        "name": "pacsnode",
+        "qidoRoot": "@ROOT@",
+        "wadoRoot": "@ROOT@",
+        # No WADO-URI service: OHIF asks for it only with imageRendering "wadouri".
+        "wadoUriRoot": "@ROOT@",
+        "qidoSupportsIncludeField": True,
+        "supportsReject": False,
+        "supportsStow": False,
+        "imageRendering": "wadors",
+        "thumbnailRendering": "wadors",
+        "enableStudyLazyLoad": True,
+        "supportsFuzzyMatching": False,
+        "supportsWildcard": True,
+        "staticWado": False,
+        "singlepart": "bulkdata,video",
+        "bulkDataURI": {"enabled": True, "relativeResolution": "studies"},
+        "omitQuotationForMultipartRequest": True,
+    }
+    config: dict[str, Any] = {
+        "name": "pacsnode",
+        "routerBasename": PREFIX,
+        "extensions": [],
+        "modes": [],
+        "customizationService": {},
+        "showStudyList": True,
+        "maxNumberOfWebWorkers": 2,
+        "showWarningMessageForCrossOrigin": False,
+        "showCPUFallbackMessage": True,
+        "showLoadingIndicator": True,
+        "strictZSpacingForVolumeViewport": True,
+        "groupEnabledModesFirst": True,
+        "investigationalUseDialog": {"option": "never"},
+        "maxNumRequests": {"interaction": 100, "thumbnail": 5, "prefetch": 10},
+        "showErrorDetails": "always",
+        "defaultDataSourceName": "pacsnode",
+        "dataSources": [
+            {
+                "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
+                "sourceName": "pacsnode",
+                "configuration": source,
+            }
+        ],
+    }
+    body = json.dumps(config, indent=2)
+    # Same origin as the page: whatever host and port the browser used.
+    root = f"window.location.origin + {json.dumps(DICOMWEB_ROOT)}"
+    body = body.replace('"@ROOT@"', root)
+    return (
+        "/* Generated by pacsnode (pacsnode/api/viewer.py): the node's own DICOMweb service. */\n"
+        f"window.config = {body};\n"
+    )
+
+
+def _not_installed(settings: Settings) -> HTMLResponse:
+    message = missing_message(settings)
+    page = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>pacsnode · viewer "
+        "not installed</title></head><body><h1>The viewer is not installed</h1>"
+        f"<p id=missing>{_escape(message)}.</p>"
+        "<p><a href=/ui/>Back to the dashboard</a></p></body></html>"
+    )
+    return HTMLResponse(page, status_code=404, headers={"Cache-Control": REVALIDATE})
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _file(path: Path, headers: dict[str, str] | None = None) -> Response:
+    cache = IMMUTABLE if HASHED.search(path.name) else REVALIDATE
+    return FileResponse(
+        path,
+        media_type=media_type(path),
+        headers={"Cache-Control": cache, "X-Content-Type-Options": "nosniff", **(headers or {})},
+    )
+
+
+def _resolve(root: Path, rest: str) -> Path | None:
+    """The file ``rest`` names under ``root``; None for a client-side route
+    or a name that would leave ``root``."""
+    parts = PurePosixPath(rest).parts
+    if any(part in ("..", "") or part.startswith(".") for part in parts) or "\\" in rest:
+        return None
+    path = root.joinpath(*parts)
+    return path if path.is_file() else None
+
+
+@router.get(PREFIX, include_in_schema=False)
+def viewer_root() -> RedirectResponse:
+    return RedirectResponse(PREFIX + "/", status_code=307)
+
+
+@router.get(PREFIX + "/app-config.js")
+def viewer_config(request: Request, settings: SettingsDep, engine: EngineDep) -> Response:
+    if authenticate(request, settings, engine) is None:
+        raise HTTPException(401, detail="sign in on the dashboard first (/ui/login)")
+    return Response(
+        app_config(),
+        media_type="text/javascript",
+        headers={"Cache-Control": REVALIDATE, "X-Content-Type-Options": "nosniff"},
+    )
+
+
+@router.get(PREFIX + "/{rest:path}")
+def viewer_file(request: Request, settings: SettingsDep, engine: EngineDep, rest: str) -> Response:
+    root = settings.viewer_dir
+    path = _resolve(root, rest) if rest else None
+    if path is not None and path.name != "index.html":
+        return _file(path)  # OHIF's own scripts, styles and icons: no patient data
+    if path is None and "." in PurePosixPath(rest).name:
+        # A missing script or image: a 404, not the application page.
+        if not installed(settings):
+            return _not_installed(settings)
+        raise HTTPException(404, detail=f"no such viewer file: {rest[:200]}")
+    # A page: the study list, /viewer/viewer?StudyInstanceUIDs=..., any client route.
+    principal = authenticate(request, settings, engine)
+    if principal is None:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/ui/login?next={quote(target, safe='')}", status_code=303)
+    if not installed(settings):
+        return _not_installed(settings)
+    study = request.query_params.get("StudyInstanceUIDs", "")[:200]
+    with audited(engine, principal, "ui.viewer", target=study):
+        pass
+    return _file(root / "index.html")
