@@ -154,7 +154,7 @@ def test_worker_killed_during_inference_resumes_in_seconds_and_completes_once(
     resumed_s = (_utc(job.started_at) - killed_at).total_seconds()
     done_s = (_utc(job.finished_at) - killed_at).total_seconds()
     print(f"\n[{broker_url.split(':')[0] or 'embedded'}] worker killed: resumed after "
-          f"{resumed_s:.1f} s, done after {done_s:.1f} s")  # fmt: skip
+          f"{resumed_s:.1f} s, succeeded after {done_s:.1f} s")  # fmt: skip
     assert 0 < resumed_s <= 30, resumed_s
     assert "lost (lease expired): 1 requeued" in pipeline_node.log()
     if broker_url.startswith("amqp"):  # RabbitMQ gave the message back: dropped as stale
@@ -173,6 +173,7 @@ def test_worker_killed_during_inference_resumes_in_seconds_and_completes_once(
         lost=lost + (1 - book.job_states["succeeded"]),
         duplicated=duplicated + book.result_duplicates + book.job_duplicates,
         seconds=time.monotonic() - started,
+        resumed_s=resumed_s,
     )
 
 
