@@ -160,6 +160,10 @@ def reclaim_expired(
         (Job.lease_expires_at < now)
         | (Job.lease_expires_at.is_(None) & (Job.started_at < started_before)),
     )
+    # Read first: the dispatcher asks every second, and a write (SQLite's
+    # database lock) is needed only when a worker was lost.
+    if conn.execute(select(Job.id).where(*lost).limit(1)).first() is None:
+        return 0, 0
     failed = conn.execute(
         update(Job)
         .where(*lost, Job.attempts >= max_attempts)
