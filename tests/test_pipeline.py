@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -265,6 +266,74 @@ def test_broker_restarted_while_studies_arrive(
         jobs=book.jobs,
         results=book.results,
         lost=lost + 4 - book.job_states["succeeded"],
+        duplicated=duplicated + book.result_duplicates + book.job_duplicates,
+        seconds=time.monotonic() - started,
+    )
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("broker_url", ["embedded"], indirect=True)
+def test_a_worker_that_comes_back_after_its_lease_was_taken_commits_nothing(
+    pipeline_node: Node, tmp_path: Path, fault_report: Any
+) -> None:
+    """The process running a job is stopped (SIGSTOP: a paused VM, a swap
+    storm) until its lease expires; a second worker runs the job to the end;
+    then the first one continues: it finds its lease gone, stops, and the
+    finished job and its results stay as the second attempt wrote them."""
+    started = time.monotonic()
+    log_path = tmp_path / "second-worker.log"
+    with log_path.open("w") as log_file:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "pacsnode", "worker", "--queues", "cpu,gpu"],
+            env=pipeline_node.env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        write_ct_series(tmp_path / "ct", SeriesSpec(slices=40, rows=128, columns=128, seed=14))
+        storescu(pipeline_node, tmp_path / "ct")
+
+        def logs() -> str:
+            return pipeline_node.log() + log_path.read_text()
+
+        wait_for(lambda: "models' task started (gpu queue)" in logs(), timeout=120,
+                 what="the inference task to start")  # fmt: skip
+        (job,) = jobs(pipeline_node)
+        zombie = int(job.lease_owner.rsplit(" ", 1)[1])  # "host pid N": the pool process
+        os.kill(zombie, signal.SIGSTOP)
+        try:
+            (done,) = wait_for(lambda: finished(pipeline_node, 1), timeout=180,
+                               what="the other worker to finish the job")  # fmt: skip
+        finally:
+            os.kill(zombie, signal.SIGCONT)
+        assert (done.state, done.attempts) == ("succeeded", 2)
+        book_before = ledger(pipeline_node.database_url)
+        wait_for(lambda: "lease lost" in logs(), timeout=60, what="the zombie to notice")
+        # It stops at its next check; give it the time of a stage to misbehave.
+        wait_for(lambda: "this run's work is dropped" in logs() or "lease lost at the end"
+                 in logs() or "lease lost before" in logs(), timeout=60,
+                 what="the zombie to drop its work")  # fmt: skip
+        (after,) = jobs(pipeline_node)
+        assert (after.state, after.attempts, after.finished_at, after.fence) == (
+            "succeeded", 2, done.finished_at, done.fence,
+        )  # fmt: skip
+        book = ledger(pipeline_node.database_url)
+        assert book.results == book_before.results > 0
+    finally:
+        os.killpg(second.pid, signal.SIGTERM)
+        second.wait(timeout=30)
+    sent = sop_uids(tmp_path / "ct")
+    lost, duplicated = lost_and_duplicated(sent, book.instances)
+    fault_report(
+        "worker paused past its lease, then back",
+        sent=len(sent),
+        acked=len(sent),
+        stored=len(sent & set(book.instances)),
+        jobs=book.jobs,
+        results=book.results,
+        lost=lost + (1 - book.job_states["succeeded"]),
         duplicated=duplicated + book.result_duplicates + book.job_duplicates,
         seconds=time.monotonic() - started,
     )
