@@ -9,6 +9,7 @@ rabbitmqctl and deleted afterwards).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -146,6 +147,10 @@ def test_worker_killed_during_inference_resumes_in_seconds_and_completes_once(
     # serve → worker service (Celery's main process) → its pool process, which runs the task.
     (worker,) = [c for c in child_pids(pipeline_node.process.pid) if child_pids(c)]
     (pool,) = child_pids(worker)
+    # The job's lease names the process running it (pacsnode jobs, the API).
+    listed = pipeline_node.cli("jobs", "--json")
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert row["state"] == "running" and row["lease_owner"].endswith(f" pid {pool}"), row
     killed_at = datetime.now(UTC)
     os.kill(worker, signal.SIGKILL)
     os.kill(pool, signal.SIGKILL)
