@@ -11,6 +11,13 @@ of times; anything else fails the job with its reason. Job transitions go
 through :mod:`pacsnode.db.jobs`. Names and time limits:
 :mod:`pacsnode.core.taskdefs`.
 
+Each job message carries the job's fence: the task first claims the job with
+it (a stale or duplicate message finds nothing to claim and is dropped), then
+runs the stages under the lease's heartbeat (:mod:`pacsnode.workers.lease`); a
+worker whose lease was taken back stops and writes nothing more
+(:class:`~pacsnode.core.errors.LeaseLost`). The hand-off to ``infer_job``
+publishes the job again with the next fence.
+
 ``export_due`` (cpu queue) sends the export rows that are due
 (:func:`scp.export.run_due`); the dispatcher publishes it while due rows
 exist, and :func:`publish_export_due` asks for it at once.
