@@ -2,9 +2,10 @@
 
     pending ──dispatcher took it to publish──▶ queued ──a worker claimed it──▶ running
     running ──▶ succeeded | failed
-    running ──cpu part done, the models' part published──▶ queued    (hand_off)
+    running ──cpu part done, the models' part published──▶ queued    (hand_off, published)
     running ──a transient error, Celery retries the task──▶ queued   (release)
     running, its lease expired (worker died) ──▶ pending | failed    (reclaim_expired)
+    queued by a hand-off never published, lease expired ──▶ pending  (reclaim_expired)
     queued ──the publish failed──▶ pending                           (unpublish)
     queued ──node restarted──▶ pending                               (requeue_unfinished)
     failed ──an operator's retry──▶ pending                          (requeue_failed)
@@ -114,7 +115,13 @@ def mark_queued(conn: Connection, job_id: int) -> int | None:
     fence = conn.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.PENDING)
-        .values(state=JobState.QUEUED, queued_at=_now(), fence=Job.fence + 1)
+        .values(
+            state=JobState.QUEUED,
+            queued_at=_now(),
+            fence=Job.fence + 1,
+            lease_owner="",
+            lease_expires_at=None,
+        )
         .returning(Job.fence)
     ).scalar_one_or_none()
     return None if fence is None else int(fence)
@@ -125,7 +132,7 @@ def unpublish(conn: Connection, job_id: int, fence: int) -> None:
     conn.execute(
         update(Job)
         .where(Job.id == job_id, Job.fence == fence, Job.state == JobState.QUEUED)
-        .values(state=JobState.PENDING)
+        .values(state=JobState.PENDING, lease_owner="", lease_expires_at=None)
     )
 
 
@@ -142,7 +149,7 @@ def requeue_unfinished(conn: Connection) -> int:
             (Job.state == JobState.QUEUED)
             | ((Job.state == JobState.RUNNING) & Job.lease_expires_at.is_(None))
         )
-        .values(state=JobState.PENDING, lease_owner="", fence=Job.fence + 1)
+        .values(state=JobState.PENDING, lease_owner="", lease_expires_at=None, fence=Job.fence + 1)
     )
     return int(result.rowcount or 0)
 
@@ -151,14 +158,19 @@ def reclaim_expired(
     conn: Connection, now: datetime, started_before: datetime, max_attempts: int
 ) -> tuple[int, int]:
     """Running jobs whose lease expired before ``now`` lost their worker (it
-    stopped renewing: killed, or its host gone); so did running jobs without
+    stopped renewing: killed, or its host gone), and so did queued ones whose
+    hand-off was never published (:func:`hand_off`); so did running jobs without
     a lease started before ``started_before`` (rows from before leases
     existed). Back to pending with a new fence, or failed once they have had
     ``max_attempts`` runs. Returns (requeued, failed)."""
     lost = (
-        Job.state == JobState.RUNNING,
+        Job.state.in_((JobState.RUNNING, JobState.QUEUED)),
         (Job.lease_expires_at < now)
-        | (Job.lease_expires_at.is_(None) & (Job.started_at < started_before)),
+        | (
+            (Job.state == JobState.RUNNING)
+            & Job.lease_expires_at.is_(None)
+            & (Job.started_at < started_before)
+        ),
     )
     # Read first: the dispatcher asks every second, and a write (SQLite's
     # database lock) is needed only when a worker was lost.
@@ -225,17 +237,30 @@ def renew(conn: Connection, lease: Lease, expires_at: datetime) -> bool:
     return result.rowcount == 1
 
 
-def hand_off(conn: Connection, lease: Lease) -> int | None:
+def hand_off(conn: Connection, lease: Lease, expires_at: datetime) -> int | None:
     """The cpu part is done; the models' part is about to be published:
-    queued again with the next fence, which its message carries. None when
-    the lease was lost."""
+    queued again with the next fence, which its message carries. The lease
+    runs on until :func:`published` (a worker killed before it published
+    leaves a queued job whose lease expires, taken back like a running one).
+    None when the lease was lost."""
     fence = conn.execute(
         update(Job)
         .where(*_held(lease))
-        .values(state=JobState.QUEUED, lease_owner="", lease_expires_at=None, fence=Job.fence + 1)
+        .values(state=JobState.QUEUED, lease_expires_at=expires_at, fence=Job.fence + 1)
         .returning(Job.fence)
     ).scalar_one_or_none()
     return None if fence is None else int(fence)
+
+
+def published(conn: Connection, job_id: int, fence: int) -> None:
+    """The models' part's message is with the broker: the job waits in the gpu
+    queue as long as it takes, without a lease (unless a worker claimed it
+    already)."""
+    conn.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.fence == fence, Job.state == JobState.QUEUED)
+        .values(lease_owner="", lease_expires_at=None)
+    )
 
 
 def release(conn: Connection, lease: Lease) -> bool:

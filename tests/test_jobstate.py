@@ -82,9 +82,11 @@ def test_a_message_claims_its_job_once_and_only_with_the_current_fence(database_
         assert held is not None
         assert jobs.claim(conn, job_id, fence, "w2", expiry(15), first=True) is None
         # The cpu part hands off to the models' part with the next fence.
-        models_fence = jobs.hand_off(conn, held)
+        models_fence = jobs.hand_off(conn, held, expiry(15))
         assert models_fence == fence + 1
         assert jobs.claim(conn, job_id, fence, "w2", expiry(15), first=False) is None
+        assert models_fence is not None
+        jobs.published(conn, job_id, models_fence)
         second = jobs.claim(conn, job_id, models_fence, "w2", expiry(15), first=False)
         assert second is not None
         assert not jobs.renew(conn, held, expiry(15))  # the first holder's lease ended
@@ -141,6 +143,31 @@ def test_a_job_whose_lease_expired_is_published_again_then_failed(database_url: 
     job = _state(engine, lost)
     assert job.state == "failed"
     assert "worker lost" in job.error
+
+
+def test_a_hand_off_whose_message_was_never_published_is_taken_back(database_url: str) -> None:
+    engine = create_db_engine(database_url)
+    upgrade(engine)
+    unpublished, waiting = _job(engine, 1), _job(engine, 2)
+    first, second = _claim(engine, unpublished), _claim(engine, waiting)
+    with engine.begin() as conn:
+        # The worker died between the hand-off and the publish.
+        assert jobs.hand_off(conn, first, expiry(15)) is not None
+        # This one was published: it waits in the gpu queue as long as it takes.
+        fence = jobs.hand_off(conn, second, expiry(15))
+        assert fence is not None
+        jobs.published(conn, waiting, fence)
+    assert recover_lost_jobs(engine) == (0, 0)
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    assert recover_lost_jobs(engine, now=later) == (1, 0)
+    assert (_state(engine, unpublished).state, _state(engine, waiting).state) == (
+        "pending",
+        "queued",
+    )
+    # Published again, it waits in the queue without a lease.
+    with engine.begin() as conn:
+        assert jobs.mark_queued(conn, unpublished) is not None
+    assert recover_lost_jobs(engine, now=later) == (0, 0)
 
 
 def test_a_running_job_without_a_lease_is_lost_after_the_time_limit(database_url: str) -> None:

@@ -151,7 +151,7 @@ def run_job(self: Task, job_id: int, fence: int | None = None) -> None:
         _succeeded(held)
         return
     with _engine().begin() as conn:
-        next_fence = jobs.hand_off(conn, held)
+        next_fence = jobs.hand_off(conn, held, lease.expiry(_settings().job_heartbeat_timeout_s))
     if next_fence is None:
         log.warning("job %d: lease lost before the models' part; dropped", job_id)
         return
@@ -161,6 +161,9 @@ def run_job(self: Task, job_id: int, fence: int | None = None) -> None:
         log.warning("job %d: models' part not published (%s)", job_id, type(exc).__name__)
         with _engine().begin() as conn:
             jobs.unpublish(conn, job_id, next_fence)
+        return
+    with _engine().begin() as conn:
+        jobs.published(conn, job_id, next_fence)
 
 
 @app.task(
