@@ -173,12 +173,17 @@ def reclaim_expired(
         ),
     )
     # Read first: the dispatcher asks every second, and a write (SQLite's
-    # database lock) is needed only when a worker was lost.
-    if conn.execute(select(Job.id).where(*lost).limit(1)).first() is None:
+    # database lock) is needed only when a worker was lost. On PostgreSQL a row
+    # locked by a worker's transaction (paused mid-renewal) is skipped, not
+    # waited for: the dispatcher never hangs on a paused worker.
+    ids = list(
+        conn.execute(select(Job.id).where(*lost).with_for_update(skip_locked=True)).scalars()
+    )
+    if not ids:
         return 0, 0
     failed = conn.execute(
         update(Job)
-        .where(*lost, Job.attempts >= max_attempts)
+        .where(Job.id.in_(ids), *lost, Job.attempts >= max_attempts)
         .values(
             state=JobState.FAILED,
             finished_at=_now(),
@@ -190,7 +195,7 @@ def reclaim_expired(
     )
     requeued = conn.execute(
         update(Job)
-        .where(*lost)
+        .where(Job.id.in_(ids), *lost)
         .values(state=JobState.PENDING, lease_owner="", lease_expires_at=None, fence=Job.fence + 1)
     )
     return int(requeued.rowcount or 0), int(failed.rowcount or 0)

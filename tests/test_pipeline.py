@@ -311,6 +311,8 @@ def test_a_worker_that_comes_back_after_its_lease_was_taken_commits_nothing(
         try:
             (done,) = wait_for(lambda: finished(pipeline_node, 1), timeout=180,
                                what="the other worker to finish the job")  # fmt: skip
+        except TimeoutError:
+            raise AssertionError(f"{jobs(pipeline_node)}\n{logs()[-6000:]}") from None
         finally:
             os.kill(zombie, signal.SIGCONT)
         assert (done.state, done.attempts) == ("succeeded", 2)
