@@ -47,6 +47,9 @@ class JobRow(Row):
     started_at: datetime | None
     finished_at: datetime | None
     error: str
+    # While running: the worker holding it ("host pid N") and until when.
+    lease_owner: str = ""
+    lease_expires_at: datetime | None = None
 
 
 def list_jobs(
@@ -97,6 +100,8 @@ def list_jobs(
             started_at=j.started_at,
             finished_at=j.finished_at,
             error=j.error,
+            lease_owner=j.lease_owner,
+            lease_expires_at=j.lease_expires_at,
         )
         for j, study_uid, series_uid in rows
     ]

@@ -173,6 +173,14 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str] = mapped_column(String(1024), default="")
+    # The lease of the worker running it (pacsnode.db.jobs): "host pid N", and
+    # until when; renewed by the worker's heartbeat, taken back once expired.
+    lease_owner: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    # Messages published for the job; a worker claims it only with the newest.
+    fence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class _ModelResult:

@@ -35,6 +35,8 @@ class FaultRow:
     lost: int = 0
     duplicated: int = 0
     seconds: float = 0.0
+    # A worker killed: from the kill to its job's next attempt starting.
+    resumed_s: float | None = None
 
 
 _ROWS: list[FaultRow] = []
@@ -127,14 +129,17 @@ def lost_and_duplicated(acknowledged: Iterable[str], stored: Counter[str]) -> tu
     return len(missing), sum(n - 1 for n in stored.values() if n > 1)
 
 
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not _ROWS:
         return
     names = [f.name for f in fields(FaultRow)]
-    table = [
-        [f"{getattr(r, n):.1f}" if n == "seconds" else str(getattr(r, n)) for n in names]
-        for r in _ROWS
-    ]
+    table = [[_cell(getattr(r, n)) for n in names] for r in _ROWS]
     widths = [max(len(n), *(len(row[i]) for row in table)) for i, n in enumerate(names)]
     terminalreporter.section("fault scenarios: every instance, job, result and export")
     for cells in [names, *table]:

@@ -2,9 +2,11 @@
 a job runs (a private cluster in a temporary folder, on a free port).
 
 The other scenarios of the fault suite (``-m faults``) live beside the
-features they break: worker SIGKILL during inference and Redis restarted
-during ingest in ``test_pipeline.py``, SCP SIGKILL mid-association and the
-disk watermark in ``test_policy_and_faults.py``, a destination down in
+features they break: the worker and its pool process SIGKILLed during
+inference (embedded broker, Redis and RabbitMQ: the job resumes once its
+lease expires) and Redis restarted during ingest in ``test_pipeline.py``,
+SCP SIGKILL mid-association and the disk watermark in
+``test_policy_and_faults.py``, a destination down in
 ``test_exports.py`` and ``test_results_orthanc.py``.
 """
 

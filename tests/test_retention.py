@@ -292,8 +292,9 @@ def test_cleanup_and_healthcheck_on_a_running_node(
         assert kept.exit_code == 0, kept.output
         assert "kept: job 1 is queued" in kept.output and "deleted 0 studies" in kept.output
         with engine.begin() as conn:  # as a worker would record it
-            jobs.mark_running(conn, 1)
-            jobs.mark_succeeded(conn, 1)
+            fence = conn.execute(select(Job.fence).where(Job.id == 1)).scalar_one()
+            held = jobs.claim(conn, 1, fence, "test pid 1", datetime.now(UTC), first=True)
+            assert held is not None and jobs.mark_succeeded(conn, held)
 
         cleaned = runner.invoke(app, ["cleanup", "--keep-days", "0"], terminal_width=200)
         assert cleaned.exit_code == 0, cleaned.output

@@ -1,8 +1,10 @@
 """The broker as the API sees it: reachable or not, and how many messages
-wait in each queue (the embedded filesystem broker or Redis alike, through
+wait in each queue (the embedded filesystem broker, Redis or RabbitMQ alike, through
 kombu's passive queue declaration, which creates nothing)."""
 
 from __future__ import annotations
+
+import contextlib
 
 from kombu import Connection
 
@@ -32,14 +34,19 @@ def queue_depths(settings: Settings) -> dict[str, int]:
     try:
         with _connection(settings) as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
-            channel = conn.default_channel
-            return {name: _depth(channel, name) for name in QUEUES}
+            # A channel per queue: RabbitMQ closes the channel on which a
+            # passive declaration named a queue that does not exist yet.
+            return {name: _depth(conn, name) for name in QUEUES}
     except Exception:
         return {}
 
 
-def _depth(channel: object, name: str) -> int:
+def _depth(conn: Connection, name: str) -> int:
+    channel = conn.channel()
     try:
-        return int(channel.queue_declare(queue=name, passive=True).message_count)  # type: ignore[attr-defined]
+        return int(channel.queue_declare(queue=name, passive=True).message_count)
     except Exception:  # Redis: an empty queue has no key, so "does not exist"
         return 0
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()

@@ -1,11 +1,13 @@
 """The Celery application shared by ``pacsnode serve`` and ``pacsnode worker``.
 
-Broker: ``PACSNODE_BROKER_URL`` (``redis://…`` for real deployments); empty
-means the embedded broker, kombu's filesystem transport under
-``<data_dir>/broker``: no server to run, messages are files, so queued work
-survives a restart of the node. Either way the database outbox is the source
-of truth (pacsnode.workers.dispatcher), so a message the broker loses is published
-again.
+Broker: ``PACSNODE_BROKER_URL``, Redis (``redis://…``) or RabbitMQ
+(``amqp://…``) for real deployments; empty means the embedded broker,
+kombu's filesystem transport under ``<data_dir>/broker``: no server to run,
+messages are files, so queued work survives a restart of the node; it serves
+one machine (:func:`check_embedded_broker`). Whatever the broker, the database
+is the source of truth (pacsnode.workers.dispatcher): a message the broker loses
+is published again, and a job whose worker died is taken back when its lease
+expires (:mod:`pacsnode.db.jobs`), whether or not the broker redelivers it.
 
 Queues: ``cpu`` (load, preprocess, encode, export) and ``gpu`` (model
 inference), so inference workers can run on GPU machines. Task names and
@@ -24,6 +26,7 @@ patches (:func:`install_networking_patches`, on Celery's ``worker_init`` and
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -44,10 +47,24 @@ GPU_QUEUE = "gpu"
 EMBEDDED_POLL_S = 0.05
 
 
+# File systems on which the embedded broker's folder would be shared between
+# machines: its locking and renames are not made for that.
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs",
+     "afs", "fuse.sshfs", "fuse.s3fs", "fuse.glusterfs", "fuse.cephfs", "virtiofs"}
+)  # fmt: skip
+
+
 def broker_options(settings: Settings) -> tuple[str, dict[str, object]]:
+    if settings.broker_url.startswith(("amqp://", "amqps://")):
+        # RabbitMQ gives an unacknowledged message back as soon as its
+        # consumer's connection closes; its heartbeat (broker_heartbeat) notices
+        # a consumer that vanished without closing it.
+        return settings.broker_url, {}
     if settings.broker_url:
-        # Unacknowledged messages go back to the queue after this long; a task
-        # never runs longer (its hard time limit is shorter).
+        # Redis: unacknowledged messages go back to the queue after this long; a
+        # task never runs longer (its hard time limit is shorter). A dead worker's
+        # job does not wait for it: its lease expires in seconds.
         return settings.broker_url, {"visibility_timeout": 3600}
     folder = settings.layout.broker
     for sub in ("queue", "processed", "control"):
@@ -60,6 +77,51 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, object]]:
         "store_processed": False,
         "polling_interval": EMBEDDED_POLL_S,
     }
+
+
+def _mount_type(path: Path, mounts: Path) -> str:
+    """The file system type of the mount holding ``path`` (from /proc/mounts)."""
+    best, kind = "", ""
+    target = str(path.resolve())
+    for line in mounts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def check_embedded_broker(settings: Settings, mounts: Path = Path("/proc/mounts")) -> str:
+    """A worker about to use the embedded broker (no ``broker_url``): refuse
+    a broker folder on a network file system (a worker on another machine),
+    and return a warning when no node on this machine has made the folder
+    yet ("" otherwise). The embedded broker serves one machine.
+
+    Raises:
+        ConfigError: the folder is on a network file system.
+    """
+    if settings.broker_url:
+        return ""
+    folder = settings.layout.broker
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    kind = _mount_type(existing, mounts) if mounts.exists() else ""
+    if kind in NETWORK_FILESYSTEMS:
+        raise ConfigError(
+            f"broker_url is empty, so this worker would use the embedded broker in {folder}, "
+            f"which is on a network file system ({kind}): the embedded broker serves one "
+            "machine; give every worker and the node the same broker_url "
+            "(redis://... or amqp://...)"
+        )
+    if not folder.exists():
+        return (
+            f"broker_url is empty and {folder} does not exist yet: this worker gets jobs only "
+            "from a node on this machine with the same data_dir (the embedded broker serves "
+            "one machine; elsewhere set broker_url to the node's Redis or RabbitMQ)"
+        )
+    return ""
 
 
 def install_networking_patches(**_: object) -> None:

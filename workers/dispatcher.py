@@ -1,13 +1,16 @@
 """The dispatcher: publishes the outbox's pending jobs to the broker.
 
-The database is the source of truth for work (docs/architecture.md §3). A job is marked
-queued only after the broker accepted its message; while the broker is down
-jobs stay pending and are published when it is back. At start-up, jobs that
-were queued or running when the node stopped are published again: their
-messages may have been lost with the broker or the worker, and tasks are
-idempotent. While running, jobs that have been ``running`` for longer than a
-task's hard time limit lost their worker (killed wholesale, or by the limit)
-and are published again, a bounded number of times.
+The database is the source of truth for work (docs/architecture.md §3). A job is
+taken to queued with a new fence just before its message (carrying the
+fence) is published, and put back to pending if the broker refuses it; while
+the broker is down jobs stay pending and are published when it is back. At
+start-up, jobs that were queued when the node stopped are published again:
+their messages may have been lost with the broker (a surviving one is stale
+then, and dropped by the worker). Every second, running jobs whose lease
+expired lost their worker (killed outright, its host gone, or stopped by the
+time limit) and are published again, a bounded number of times: the embedded
+broker forgets a message its consumer took, Redis gives it back only after
+its visibility timeout, RabbitMQ at once; the lease treats them alike.
 
 Job transitions go through :mod:`pacsnode.db.jobs`, the one owner of the job
 lifecycle.
@@ -36,7 +39,8 @@ from pacsnode.workers.celery_app import CPU_QUEUE
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
-RECOVERY_EVERY_S = 30
+# How often expired leases are looked for (a cheap indexed query).
+RECOVERY_EVERY_S = 1.0
 # Runs a job gets before a lost worker or time limit fails it.
 MAX_ATTEMPTS = 3
 EXPORT_POLL_S = 0.5
@@ -53,19 +57,23 @@ def dispatch_once(engine: Engine, app: Celery) -> int:
         ids = jobs.pending_jobs(conn)
     published = 0
     for job_id in ids:
+        with engine.begin() as conn:
+            fence = jobs.mark_queued(conn, job_id)
+        if fence is None:
+            continue
         try:
             app.send_task(
                 RUN_JOB.name,
-                args=[job_id],
+                args=[job_id, fence],
                 queue=CPU_QUEUE,
                 retry=True,
                 retry_policy=PUBLISH_RETRY,
             )
         except Exception as exc:
+            with engine.begin() as conn:
+                jobs.unpublish(conn, job_id, fence)
             log.warning("broker unavailable (%s): %d job(s) wait", type(exc).__name__, len(ids))
             break
-        with engine.begin() as conn:
-            jobs.mark_queued(conn, job_id)
         log.info("job %d queued (%s queue)", job_id, CPU_QUEUE)
         published += 1
     return published
@@ -96,16 +104,18 @@ class ExportPublisher:
 
 
 def recover_lost_jobs(engine: Engine, now: datetime | None = None) -> tuple[int, int]:
-    """Jobs whose worker died wholesale (its unacknowledged message may be
-    gone with it) go back to pending, or fail after ``MAX_ATTEMPTS`` runs.
-    Lost means running for longer than a job task may (``LOST_JOB_AFTER_S``,
-    from the tasks' time limits in :mod:`pacsnode.core.taskdefs`)."""
+    """Jobs whose worker died (their lease expired: it stopped renewing it)
+    go back to pending, or fail after ``MAX_ATTEMPTS`` runs. A running job
+    without a lease (from before leases) is lost once it ran longer than a
+    job task may (``LOST_JOB_AFTER_S``, :mod:`pacsnode.core.taskdefs`)."""
     now = now or datetime.now(UTC)
     started_before = now - timedelta(seconds=LOST_JOB_AFTER_S)
     with engine.begin() as conn:
-        requeued, failed = jobs.recover_lost(conn, started_before, MAX_ATTEMPTS)
+        requeued, failed = jobs.reclaim_expired(conn, now, started_before, MAX_ATTEMPTS)
     if requeued or failed:
-        log.warning("jobs whose worker was lost: %d requeued, %d failed", requeued, failed)
+        log.warning(
+            "jobs whose worker was lost (lease expired): %d requeued, %d failed", requeued, failed
+        )
     return requeued, failed
 
 

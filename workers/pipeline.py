@@ -94,6 +94,9 @@ class JobContext:
     # Export rows the export stage queued: the task layer asks a worker to
     # send them now (the dispatcher's poll would, a moment later).
     exports_queued: int = 0
+    # Called before each stage and in the transaction writing the results:
+    # renews the worker's lease on the job or raises LeaseLost (workers.lease).
+    guard: Callable[[Connection], None] = lambda conn: None
 
 
 @cache
@@ -329,6 +332,7 @@ def persist(ctx: JobContext, engine: Engine) -> None:
             _write_mask(ctx.settings.layout.results / relative, result.masks)
             result.segments = [replace(s, mask_path=relative) for s in result.segments]
     with engine.begin() as conn:
+        ctx.guard(conn)
         for result in ctx.results:
             replace_results(
                 conn,
@@ -431,17 +435,26 @@ def needs_models(ctx: JobContext) -> bool:
 
 
 def run(
-    job_id: int, engine: Engine, settings: Settings, stages: tuple[str, ...] = ALL_STAGES
+    job_id: int,
+    engine: Engine,
+    settings: Settings,
+    stages: tuple[str, ...] = ALL_STAGES,
+    guard: Callable[[Connection], None] | None = None,
 ) -> JobContext:
     """Run ``stages`` of job ``job_id`` in pipeline order and return the
     context, from which the task layer decides what comes next
     (:func:`needs_models`, ``exports_queued``, :func:`raise_fusion_errors`).
-    Exceptions propagate to the task."""
+    ``guard`` checks the worker still holds the job (before each stage and
+    where results are written). Exceptions propagate to the task."""
     ctx = JobContext(job_id=job_id, study_instance_uid="", settings=settings)
+    if guard is not None:
+        ctx.guard = guard
     ctx.disabled = switched_off(engine, settings)
     for name, stage in STAGES:
         if name not in stages:
             continue
+        with engine.begin() as conn:
+            ctx.guard(conn)
         started = time.perf_counter()
         stage(ctx, engine)
         ctx.timings[name] = time.perf_counter() - started
@@ -450,6 +463,7 @@ def run(
         )
     # For the stats endpoint and /metrics (db.stats); the forward passes per model too.
     with engine.begin() as conn:
+        ctx.guard(conn)
         record_timings(
             conn, job_id, ctx.timings, [(r.model.name, r.forward_s) for r in ctx.results]
         )

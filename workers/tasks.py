@@ -11,6 +11,13 @@ of times; anything else fails the job with its reason. Job transitions go
 through :mod:`pacsnode.db.jobs`. Names and time limits:
 :mod:`pacsnode.core.taskdefs`.
 
+Each job message carries the job's fence: the task first claims the job with
+it (a stale or duplicate message finds nothing to claim and is dropped), then
+runs the stages under the lease's heartbeat (:mod:`pacsnode.workers.lease`); a
+worker whose lease was taken back stops and writes nothing more
+(:class:`~pacsnode.core.errors.LeaseLost`). The hand-off to ``infer_job``
+publishes the job again with the next fence.
+
 ``export_due`` (cpu queue) sends the export rows that are due
 (:func:`scp.export.run_due`); the dispatcher publishes it while due rows
 exist, and :func:`publish_export_due` asks for it at once.
@@ -24,13 +31,13 @@ from functools import cache
 from celery import Task
 from sqlalchemy import Engine
 
-from pacsnode.core.errors import PacsnodeError
+from pacsnode.core.errors import LeaseLost, PacsnodeError
 from pacsnode.core.settings import Settings, load_settings
 from pacsnode.core.taskdefs import EXPORT_DUE, INFER_JOB, RUN_JOB
 from pacsnode.db import jobs
 from pacsnode.db.session import create_db_engine
 from pacsnode.scp.export import run_due
-from pacsnode.workers import pipeline
+from pacsnode.workers import lease, pipeline
 from pacsnode.workers.celery_app import (
     CPU_QUEUE,
     GPU_QUEUE,
@@ -56,26 +63,72 @@ def _settings() -> Settings:
     return settings
 
 
-def _run_stages(task: Task, job_id: int, stages: tuple[str, ...]) -> pipeline.JobContext | None:
-    """Run ``stages`` of the job; ask a worker to send the exports it queued;
-    on error retry (transient) or fail the job. Returns the context, or None
-    when the job failed."""
-    engine = _engine()
+def _claim(task: Task, job_id: int, fence: int | None, first: bool) -> jobs.Lease | None:
+    """Claim the job with the message's fence; None (the message is dropped)
+    when it is stale or a duplicate: another attempt has the job, or it is
+    done. A database that cannot be reached is retried."""
+    if fence is None:  # a message from before leases: the dispatcher republishes the job
+        log.info("job %d: message without a fence dropped", job_id)
+        return None
+    timeout = _settings().job_heartbeat_timeout_s
     try:
-        ctx = pipeline.run(job_id, engine, _settings(), stages)
+        with _engine().begin() as conn:
+            found = jobs.claim(
+                conn, job_id, fence, lease.owner(), lease.expiry(timeout), first=first
+            )
+    except Exception as exc:
+        if may_retry(task, exc):
+            raise retry_later(task, exc) from exc
+        raise
+    if found is None:
+        log.info("job %d: stale or duplicate message (fence %d) dropped", job_id, fence)
+    return found
+
+
+def _run_stages(
+    task: Task, held: jobs.Lease, stages: tuple[str, ...]
+) -> pipeline.JobContext | None:
+    """Run ``stages`` of the job under its lease's heartbeat; ask a worker to
+    send the exports it queued; on error retry (transient) or fail the job.
+    Returns the context, or None when the job failed or the lease was lost."""
+    engine, job_id = _engine(), held.job_id
+    try:
+        with lease.Heartbeat(engine, held, _settings().job_heartbeat_timeout_s) as beat:
+            ctx = pipeline.run(job_id, engine, _settings(), stages, guard=beat.guard)
         if ctx.exports_queued:
             publish_export_due()
         pipeline.raise_fusion_errors(ctx)
         return ctx
+    except LeaseLost:
+        log.warning("job %d: lease lost to another attempt; this run's work is dropped", job_id)
+        return None
     except Exception as exc:
         if may_retry(task, exc):
             log.warning("job %d: transient %s, retrying", job_id, type(exc).__name__)
+            _release(held)
             raise retry_later(task, exc) from exc
         reason = str(exc) if isinstance(exc, PacsnodeError) else type(exc).__name__
         log.error("job %d failed: %s", job_id, reason)
         with engine.begin() as conn:
-            jobs.mark_failed(conn, job_id, reason)
+            jobs.mark_failed(conn, held, reason)
         return None
+
+
+def _release(held: jobs.Lease) -> None:
+    """Before Celery runs the task again: the job claimable by the retried
+    message. If the database is away, the lease expires and the dispatcher
+    publishes the job again instead."""
+    try:
+        with _engine().begin() as conn:
+            jobs.release(conn, held)
+    except Exception as exc:
+        log.warning("job %d: lease not released (%s)", held.job_id, type(exc).__name__)
+
+
+def _succeeded(held: jobs.Lease) -> None:
+    with _engine().begin() as conn:
+        if not jobs.mark_succeeded(conn, held):
+            log.warning("job %d: lease lost at the end; the other attempt records it", held.job_id)
 
 
 @app.task(
@@ -85,25 +138,32 @@ def _run_stages(task: Task, job_id: int, stages: tuple[str, ...]) -> pipeline.Jo
     soft_time_limit=RUN_JOB.soft_time_limit_s,
     **RETRY_OPTIONS,
 )
-def run_job(self: Task, job_id: int) -> None:
+def run_job(self: Task, job_id: int, fence: int | None = None) -> None:
     """cpu queue: load and preprocess; then the models' part goes to the gpu
     queue, or the job is done when no model applies."""
-    engine = _engine()
-    with engine.begin() as conn:
-        jobs.mark_running(conn, job_id)
-    ctx = _run_stages(self, job_id, pipeline.CPU_STAGES)
+    held = _claim(self, job_id, fence, first=True)
+    if held is None:
+        return
+    ctx = _run_stages(self, held, pipeline.CPU_STAGES)
     if ctx is None:
         return
-    if pipeline.needs_models(ctx):
-        try:
-            infer_job.apply_async(args=[job_id], queue=GPU_QUEUE)
-        except Exception as exc:  # broker unreachable: try the whole task again
-            if self.request.retries < self.max_retries:
-                raise retry_later(self, exc) from exc
-            raise
+    if not pipeline.needs_models(ctx):
+        _succeeded(held)
         return
-    with engine.begin() as conn:
-        jobs.mark_succeeded(conn, job_id)
+    with _engine().begin() as conn:
+        next_fence = jobs.hand_off(conn, held, lease.expiry(_settings().job_heartbeat_timeout_s))
+    if next_fence is None:
+        log.warning("job %d: lease lost before the models' part; dropped", job_id)
+        return
+    try:
+        infer_job.apply_async(args=[job_id, next_fence], queue=GPU_QUEUE)
+    except Exception as exc:  # broker unreachable: the dispatcher publishes the job again
+        log.warning("job %d: models' part not published (%s)", job_id, type(exc).__name__)
+        with _engine().begin() as conn:
+            jobs.unpublish(conn, job_id, next_fence)
+        return
+    with _engine().begin() as conn:
+        jobs.published(conn, job_id, next_fence)
 
 
 @app.task(
@@ -113,14 +173,16 @@ def run_job(self: Task, job_id: int) -> None:
     soft_time_limit=INFER_JOB.soft_time_limit_s,
     **RETRY_OPTIONS,
 )
-def infer_job(self: Task, job_id: int) -> None:
+def infer_job(self: Task, job_id: int, fence: int | None = None) -> None:
     """gpu queue: every stage; load and preprocess mostly read what the cpu
     task cached (data_dir is shared by the node's workers)."""
-    log.info("job %d: models' task started (gpu queue)", job_id)
-    if _run_stages(self, job_id, pipeline.ALL_STAGES) is None:
+    held = _claim(self, job_id, fence, first=False)
+    if held is None:
         return
-    with _engine().begin() as conn:
-        jobs.mark_succeeded(conn, job_id)
+    log.info("job %d: models' task started (gpu queue)", job_id)
+    if _run_stages(self, held, pipeline.ALL_STAGES) is None:
+        return
+    _succeeded(held)
 
 
 @app.task(

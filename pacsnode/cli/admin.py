@@ -77,6 +77,7 @@ def jobs_list(
             "Kind": lambda r: r.kind,
             "State": lambda r: r.state,
             "Tries": lambda r: r.attempts,
+            "Worker": lambda r: r.lease_owner,
             "Created (UTC)": lambda r: when(r.created_at),
             "Finished (UTC)": lambda r: when(r.finished_at),
             "Error": lambda r: r.error,

@@ -42,6 +42,16 @@ def worker(
         err.print(f"[red]pacsnode worker: unknown queue(s) {sorted(unknown)}[/red]")
         raise typer.Exit(2)
     configure_logging(settings.log_level, "worker", settings.log_format)
+    from pacsnode.core.errors import ConfigError
+    from pacsnode.workers.celery_app import check_embedded_broker
+
+    try:
+        warning = check_embedded_broker(settings)
+    except ConfigError as exc:
+        err.print(f"pacsnode worker: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    if warning:
+        err.print(f"pacsnode worker: {warning}", markup=False, highlight=False)
     from pacsnode.workers.tasks import app as celery_app
 
     celery_app.worker_main(argv=worker_argv(queues, concurrency, settings.log_level))

@@ -178,6 +178,16 @@ class StateConflict(PacsnodeError):
     http_status = HTTPStatus.CONFLICT
 
 
+class LeaseLost(PacsnodeError):
+    """A worker's lease on a job ended before it finished: it stopped
+    renewing in time, and the job went to another attempt. The worker drops
+    its work and commits nothing more; the job is not failed."""
+
+    transient = False
+    dimse_status = DimseStatus.PROCESSING_FAILURE
+    http_status = HTTPStatus.CONFLICT
+
+
 class InvalidRequest(PacsnodeError):
     """Parameters that are each valid but contradict each other (a time range
     whose start is after its end)."""

@@ -420,6 +420,9 @@ class FusionOptions(BaseModel):
     )
 
 
+BROKER_SCHEMES = ("redis://", "rediss://", "amqp://", "amqps://")
+
+
 class Settings(BaseSettings):
     """Effective configuration of one pacsnode installation."""
 
@@ -456,8 +459,16 @@ class Settings(BaseSettings):
     )
     broker_url: str = Field(
         default="",
-        description="Celery broker, e.g. redis://host:6379/0 (empty: the embedded broker "
-        "under data_dir, one machine only)",
+        description="Celery broker: redis://host:6379/0 or amqp://user:pass@host:5672/vhost "
+        "(RabbitMQ); empty: the embedded broker under data_dir, for one machine only",
+    )
+    job_heartbeat_timeout_s: float = Field(
+        default=15.0,
+        ge=3,
+        le=600,
+        description="a worker renews the lease of the job it runs every third of this; a job "
+        "whose lease is this old lost its worker (killed, or its host gone) and is published "
+        "again",
     )
     peers: list[Peer] = Field(
         default=[], description="AEs allowed to associate (default-deny: empty = nobody)"
@@ -527,6 +538,16 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, value: str) -> str:
+        if value and not value.startswith(BROKER_SCHEMES):
+            raise ValueError(
+                "only redis://, rediss://, amqp:// and amqps:// URLs are supported "
+                "(empty: the embedded broker, for one machine)"
+            )
+        return value
 
     @field_validator("database_url")
     @classmethod
