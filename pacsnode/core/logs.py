@@ -59,8 +59,7 @@ def configure_logging(
 # Libraries whose INFO lines drown pacsnode's own (highdicom writes about ten
 # "copy attributes of module ..." lines per output object; pynetdicom logs
 # every PDU and DIMSE message, including summaries of data sets). They log at
-# WARNING unless log_level is DEBUG.
-DATASET_PRINTERS = ("pynetdicom", "pydicom", "highdicom")
+# WARNING at every log level.
 THIRD_PARTY = (
     "highdicom",
     "pynetdicom",
@@ -89,14 +88,15 @@ THIRD_PARTY = (
 
 
 def quiet_libraries(level: str) -> None:
-    """Third-party loggers at WARNING, or at ``level`` when it is DEBUG."""
+    """Third-party loggers at WARNING, whatever ``level`` is.
+
+    Their INFO and DEBUG lines can carry data sets (pynetdicom, pydicom and
+    highdicom print PDUs and elements with patient names and IDs), and logs
+    never carry patient data. ``level`` only lets TensorFlow's C++ start-up
+    lines through at DEBUG (they hold no data sets).
+    """
     debug = str(level).upper() == "DEBUG"
-    chosen = logging.WARNING  # third-party DEBUG lines can carry data sets: never
     # TensorFlow's C++ side logs to stderr on import, before any logger exists.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if debug else "2")
     for name in THIRD_PARTY:
-        logging.getLogger(name).setLevel(chosen)
-    # Libraries that print data sets (patient names and IDs) at INFO/DEBUG stay
-    # at WARNING even at DEBUG: logs never carry patient data.
-    for name in DATASET_PRINTERS:
         logging.getLogger(name).setLevel(logging.WARNING)
