@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 from sqlalchemy import Connection, Table, case, func, select, update
@@ -47,40 +48,50 @@ def note_arrivals(conn: Connection, arrivals: Iterable[Arrival]) -> None:
     """Create or refresh the assembly rows of the groups that just received
     instances. A group already triggered starts assembling again, and its
     next job will be an update that re-runs the whole study."""
-    t = _ASSEMBLY.c
-    insert: Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[conn.dialect.name]
+    stmt = _arrival_statement(conn.dialect.name)
     for a in sorted(arrivals, key=lambda a: a.key_uid):
-        stmt = insert(_ASSEMBLY).values(
-            key_uid=a.key_uid,
-            grouping=a.grouping,
-            study_pk=a.study_pk,
-            series_pk=a.series_pk,
-            calling_ae_title=a.calling_ae_title,
-            state=AssemblyState.ASSEMBLING,
-            next_kind=JobKind.INITIAL,
-            first_received_at=a.received_at,
-            last_received_at=a.received_at,
-            sending=a.opens,
-            released_at=None,
-            triggered_at=None,
-            trigger_reason="",
-        )
-        again = t.state == AssemblyState.TRIGGERED
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["key_uid"],
-            set_={
+        conn.execute(
+            stmt,
+            {
+                "key_uid": a.key_uid,
+                "grouping": a.grouping,
+                "study_pk": a.study_pk,
+                "series_pk": a.series_pk,
+                "calling_ae_title": a.calling_ae_title,
                 "state": AssemblyState.ASSEMBLING,
-                "last_received_at": stmt.excluded.last_received_at,
-                "sending": t.sending + stmt.excluded.sending,
-                "calling_ae_title": stmt.excluded.calling_ae_title,
-                "next_kind": case((again, JobKind.UPDATE.value), else_=t.next_kind),
-                "first_received_at": case(
-                    (again, stmt.excluded.first_received_at), else_=t.first_received_at
-                ),
-                "released_at": case((again, None), else_=t.released_at),
+                "next_kind": JobKind.INITIAL,
+                "first_received_at": a.received_at,
+                "last_received_at": a.received_at,
+                "sending": a.opens,
+                "released_at": None,
+                "triggered_at": None,
+                "trigger_reason": "",
             },
         )
-        conn.execute(stmt)
+
+
+@cache
+def _arrival_statement(dialect: str) -> Any:
+    """The upsert of :func:`note_arrivals`, built once per process: it runs
+    in every index commit, and building it cost more than executing it."""
+    t = _ASSEMBLY.c
+    insert: Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    stmt = insert(_ASSEMBLY)
+    again = t.state == AssemblyState.TRIGGERED
+    return stmt.on_conflict_do_update(
+        index_elements=["key_uid"],
+        set_={
+            "state": AssemblyState.ASSEMBLING,
+            "last_received_at": stmt.excluded.last_received_at,
+            "sending": t.sending + stmt.excluded.sending,
+            "calling_ae_title": stmt.excluded.calling_ae_title,
+            "next_kind": case((again, JobKind.UPDATE.value), else_=t.next_kind),
+            "first_received_at": case(
+                (again, stmt.excluded.first_received_at), else_=t.first_received_at
+            ),
+            "released_at": case((again, None), else_=t.released_at),
+        },
+    )
 
 
 def close_associations(

@@ -39,7 +39,28 @@ def _enable_memory_growth() -> list[str]:
     return names
 
 
+def threads_from_env(value: str | None) -> int:
+    """``PACSNODE_TF_THREADS``: compute threads for TensorFlow's intra- and
+    inter-op pools; 0 or unset: TensorFlow's default (one per core)."""
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return 0
+
+
+def _limit_threads() -> int:
+    """Leave a core to the receiver when workers share the host with the SCP
+    (``pacsnode serve`` sets the variable; accepted before TF's first op only)."""
+    n = threads_from_env(os.environ.get("PACSNODE_TF_THREADS"))
+    if n:
+        with contextlib.suppress(RuntimeError):
+            tf.config.threading.set_intra_op_parallelism_threads(n)
+            tf.config.threading.set_inter_op_parallelism_threads(n)
+    return n
+
+
 _GPUS = _enable_memory_growth()
+TF_THREADS = _limit_threads()
 
 
 def gpus() -> list[str]:

@@ -67,6 +67,19 @@ def worker_argv(queues: str, concurrency: int, log_level: str) -> list[str]:
     ]
 
 
+WORKER_NICE = 10
+
+
+def yield_to_receiver() -> None:
+    """On the host of the SCP, the embedded worker (and the pool processes it
+    forks, which inherit both) runs at a lower CPU priority and leaves a core
+    to the receiver: TensorFlow gets cores - 1 compute threads unless
+    ``PACSNODE_TF_THREADS`` says otherwise. A scanner must never time out
+    because a model is busy."""
+    os.nice(WORKER_NICE)
+    os.environ.setdefault("PACSNODE_TF_THREADS", str(max(1, (os.cpu_count() or 1) - 1)))
+
+
 def worker_service(settings: Settings, stop: threading.Event) -> None:
     """A Celery worker for both queues; it handles SIGTERM itself (warm
     shutdown: the running task finishes, unstarted ones stay queued)."""
@@ -75,6 +88,7 @@ def worker_service(settings: Settings, stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     if stop.is_set():
         return
+    yield_to_receiver()
     from pacsnode.workers.celery_app import CPU_QUEUE, GPU_QUEUE
     from pacsnode.workers.tasks import app
 

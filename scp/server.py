@@ -143,6 +143,7 @@ def run_worker(
         request_handler=RequestHandler,
     )
     server.register()
+    patches.freeze_heap()
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -193,3 +193,37 @@ def infer_series(
         result.forward_s += gate_s
         results.append(result)
     return results
+
+
+def warm_up(registry: Registry) -> int:
+    """Load every enabled model and trace it on one input of zeros of its
+    manifest's shape, so the first job pays for neither. Returns the number
+    of models warmed; a model that fails here is logged and left for its
+    job (which reports the failure as it always did)."""
+    from pacsnode.models.runtime import LoadedModel
+
+    started = time.monotonic()
+    warmed = 0
+    for model in registry.enabled:
+        m = model.manifest
+        try:
+            loaded = load_for_inference(model)
+            if not isinstance(loaded, LoadedModel):
+                continue
+            dims = loaded.input_shape[1:]
+            # Right-aligned on the manifest's shape and channels; a leading
+            # free axis (a sequence model's slices) gets one.
+            given = (*m.input.shape, m.input.channels)[-len(dims) :]
+            given = (1,) * (len(dims) - len(given)) + given
+            shape = tuple(d if d is not None else g for d, g in zip(dims, given, strict=True))
+            loaded.predict(np.zeros((1, *shape), dtype=np.float32))
+            warmed += 1
+        except Exception as exc:  # never stop the worker: the job will say why
+            log.warning("warming model %s@%s failed: %s", m.name, m.version, type(exc).__name__)
+    log.info(
+        "models warm: %d of %d enabled model(s) loaded and traced in %.1f s",
+        warmed,
+        len(registry.enabled),
+        time.monotonic() - started,
+    )
+    return warmed

@@ -26,9 +26,10 @@ exist, and :func:`publish_export_due` asks for it at once.
 from __future__ import annotations
 
 import logging
+import threading
 from functools import cache
 
-from celery import Task
+from celery import Task, signals
 from sqlalchemy import Engine
 
 from pacsnode.core.errors import LeaseLost, PacsnodeError
@@ -37,7 +38,7 @@ from pacsnode.core.taskdefs import EXPORT_DUE, INFER_JOB, RUN_JOB
 from pacsnode.db import jobs
 from pacsnode.db.session import create_db_engine
 from pacsnode.scp.export import run_due
-from pacsnode.workers import lease, pipeline
+from pacsnode.workers import infer, lease, pipeline
 from pacsnode.workers.celery_app import (
     CPU_QUEUE,
     GPU_QUEUE,
@@ -50,6 +51,23 @@ from pacsnode.workers.celery_app import (
 log = logging.getLogger(__name__)
 
 app = make_app(load_settings())
+
+
+def warm_models(**_: object) -> None:
+    """Celery ``worker_process_init`` receiver: load and trace the enabled
+    models in the background of each pool process, so the first job does not
+    pay for it and the process starts at once (a job that arrives meanwhile
+    waits for the model it needs, not for all of them). The log line
+    "models warm: ..." says when it is done."""
+    settings = _settings()
+    registry = pipeline._registry(settings.models_dir, tuple(settings.disabled_models))
+    if registry.enabled:
+        threading.Thread(
+            target=infer.warm_up, args=(registry,), name="model-warm-up", daemon=True
+        ).start()
+
+
+signals.worker_process_init.connect(warm_models, weak=False)
 
 
 @cache
