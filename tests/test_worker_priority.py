@@ -1,5 +1,5 @@
 """The embedded worker yields to the receiver: lower CPU priority, fewer
-TensorFlow compute threads than cores (issue 22, item 2)."""
+TensorFlow compute threads than cores."""
 
 from __future__ import annotations
 

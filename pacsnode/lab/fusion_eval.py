@@ -9,7 +9,7 @@ mode. From the same forward passes come the study ROC AUC of the CT-only
 head, the PT-only head, the decision-level combination (the manifest's
 ``decision_weights``) and the feature-level fused head.
 
-Target (issue 6): the best fused AUC is at least the best single-modality
+Target: the best fused AUC is at least the best single-modality
 AUC + 0.05. Synthetic data; the model is for demonstration, not clinical use.
 """
 

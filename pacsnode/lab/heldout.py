@@ -49,7 +49,7 @@ from pacsnode.workers.volume import Volume
 FOV_MM = 400.0
 Z_EXTENT_MM = 400.0
 
-# Targets from the issue, on held-out data.
+# The bundled models' targets, on held-out data.
 AUC_TARGET = 0.97
 DICE_TARGET = 0.85
 DETECTION_TARGET = 0.99
